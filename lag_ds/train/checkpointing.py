@@ -1,0 +1,88 @@
+"""Save / resume DeepSpeed checkpoints with a pointer that is never half-written.
+
+Layout (DeepSpeed's own, so stock tools and ``engine.load_checkpoint`` read it)::
+
+    <ckpt_dir>/latest                                  -> "global_step<N>"
+    <ckpt_dir>/global_step<N>/mp_rank_<tp>_model_states.pt
+    <ckpt_dir>/global_step<N>/zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt   (ZeRO 1/2)
+
+Why not DeepSpeed's ``save_latest``: it rewrites ``latest`` in place. We save with
+``save_latest=False``, wait for every rank, then rank 0 replaces ``latest`` via temp file + fsync +
+rename (RELIABILITY.md #3), and only then deletes checkpoints beyond ``keep`` (#10).
+A ``latest`` naming a missing or incomplete directory is an error, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """Tag named by ``ckpt_dir/latest``; None when there is no pointer (a fresh run)."""
+    pointer = Path(ckpt_dir) / "latest"
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text().strip()
+    if not TAG_PATTERN.match(tag):
+        raise ValueError(f"{pointer}: garbage checkpoint pointer {tag[:40]!r} (expected global_step<N>)")
+    target = pointer.parent / tag
+    if not any(target.glob("mp_rank_*_model_states.pt")):
+        raise ValueError(f"{pointer}: dangling pointer, {target} has no mp_rank_*_model_states.pt")
+    return tag
+
+
+def write_pointer(path: Path, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (temp file, fsync, rename, fsync dir)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_pointer(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep=keep, protect=tag)
+    dist.barrier()
+    return ckpt_dir / tag
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state; returns the client state."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    return client_state or {}
+
+
+def _prune(ckpt_dir: Path, *, keep: int, protect: str) -> None:
+    tags = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := TAG_PATTERN.match(p.name)) and p.is_dir()
+    )
+    for _, path in tags[:-keep]:
+        if path.name != protect:
+            shutil.rmtree(path)

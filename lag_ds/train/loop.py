@@ -1,0 +1,162 @@
+"""The training loop: UL2 batches -> DeepSpeed engine -> metrics, validation, checkpoints.
+
+One function, readable top to bottom (nanoGPT style). What makes it fit for LAG:
+
+* batch(step) is a pure function of (data_seed, step), so every candidate sees the same data and a
+  resumed run continues exactly where it stopped (a run of N steps equals N/2 + resume + N/2,
+  bit for bit on CPU);
+* a run starts from its own latest checkpoint if it has one, else from ``init_from`` (a grown
+  candidate, or a winner's step-k checkpoint), else from scratch; it logs a validation point at
+  its first step (LAG@0 for a candidate);
+* a non-finite loss stops every rank *before* the optimizer step, logs it, and exits with code 3
+  (the launcher marks the candidate failed).
+
+Fault injection for tests: env ``LAG_DS_INJECT_NAN_AT_STEP=<step>`` makes the loss NaN at that step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from lag_ds.config import to_dict
+from lag_ds.data import Ul2BatchSource, prepare_data, validation_batches
+from lag_ds.model.build import build_gpt_model
+from lag_ds.model.presets import get_preset
+from lag_ds.train import checkpointing
+from lag_ds.train.config import TrainConfig
+from lag_ds.train.distributed import init_distributed
+from lag_ds.train.engine import initialize_engine
+from lag_ds.train.evaluate import validation_loss
+from lag_ds.train.metrics import MetricLogger
+
+EXIT_NON_FINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step = step
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run (or resume) training up to ``cfg.train_steps``; returns the last validation scalars."""
+    init_distributed(tensor_parallel=cfg.tensor_parallel)
+    rank = dist.get_rank()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+
+    data = prepare_data(cfg.data, Path(cfg.cache_dir))
+    model_cfg = get_preset(cfg.preset)
+    if cfg.num_layers is not None:
+        model_cfg = model_cfg.with_layers(cfg.num_layers)
+    vocab = model_cfg.padded_vocab_size(data.tokenizer.vocab_size, ps.get_tensor_model_parallel_world_size())
+    model = build_gpt_model(model_cfg, vocab_size=vocab, seed=cfg.seed)
+    engine, _, _, ds = initialize_engine(cfg, model)
+
+    # Where to start: own checkpoint > init_from > scratch.
+    own_tag = checkpointing.read_latest(ckpt_dir)
+    resumed = own_tag is not None
+    if resumed:
+        client = checkpointing.load(engine, ckpt_dir, own_tag)
+    elif cfg.init_from:
+        init_tag = checkpointing.read_latest(Path(cfg.init_from))
+        if init_tag is None:
+            raise ValueError(f"init_from={cfg.init_from}: no 'latest' pointer in that directory")
+        client = checkpointing.load(engine, Path(cfg.init_from), init_tag)
+    else:
+        client = {}
+    if "data_seed" in client and client["data_seed"] != cfg.data_seed and resumed:
+        raise ValueError(f"{ckpt_dir}: checkpoint was trained with data_seed={client['data_seed']}, config says {cfg.data_seed}")
+    step = engine.global_steps
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricLogger(
+        jsonl_path=run_dir / "metrics.jsonl",
+        tb_dir=Path(cfg.tb_dir or run_dir / "tb") / (cfg.tb_run_name or ""),
+        resume_step=step if (resumed or cfg.init_from) else None,
+        enabled=rank == 0,
+    )
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    grad_acc = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
+    source = Ul2BatchSource(data.train, data.tokenizer, seq_len=model_cfg.seq_length,
+                            global_batch_size=cfg.global_batch_size, seed=cfg.data_seed)
+    val_batches = validation_batches(data.valid, data.tokenizer, seq_len=model_cfg.seq_length,
+                                     num_samples=cfg.eval_samples, batch_size=cfg.micro_batch_size,
+                                     seed=cfg.data_seed)
+    if rank == 0:
+        n = sum(p.numel() for p in model.parameters()) * ps.get_tensor_model_parallel_world_size()
+        print(f"[lag_ds] {model_cfg.num_layers} layers, ~{n:,} params, vocab {vocab}, DP={dp_size} "
+              f"TP={ps.get_tensor_model_parallel_world_size()} ZeRO={ds.get('zero_optimization', {}).get('stage', 0)}, "
+              f"start step {step} ({'resumed' if resumed else 'init_from' if cfg.init_from else 'scratch'})", flush=True)
+        logger.text("config", f"```\n{to_dict(cfg)}\n```", step)
+
+    last_val: dict[str, float] = {}
+    if not resumed:  # LAG@0: the loss right after growing (or at initialisation)
+        last_val = validation_loss(engine, val_batches, device)
+        logger.log(step, last_val)
+
+    inject = os.environ.get("LAG_DS_INJECT_NAN_AT_STEP")
+    progress = _progress_bar(rank == 0, initial=step, total=cfg.train_steps)
+    tokens_per_step = cfg.global_batch_size * model_cfg.seq_length
+    try:
+        while step < cfg.train_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(grad_acc):
+                batch = source.micro_batch(step, dp_rank=dp_rank, dp_size=dp_size,
+                                           micro_batch_size=cfg.micro_batch_size, micro_index=micro)
+                per_token = engine(batch.tokens.to(device), batch.position_ids.to(device),
+                                   batch.attention_mask.to(device), labels=batch.labels.to(device))
+                mask = batch.loss_mask.to(device)
+                loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+                if inject is not None and int(inject) == step:
+                    loss = loss * float("nan")
+                loss_sum += loss.detach().double()
+                if micro == grad_acc - 1:  # stop every rank before the optimizer step
+                    check = loss_sum.clone()
+                    dist.all_reduce(check)
+                    if not torch.isfinite(check):
+                        logger.log(step, {"train/loss": check.item()})
+                        raise NonFiniteLoss(step, check.item())
+                engine.backward(loss)
+                engine.step()
+            step = engine.global_steps
+            dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+            train_loss = loss_sum.item() / (grad_acc * dp_size)
+            if step % cfg.log_interval == 0 or step == cfg.train_steps:
+                elapsed = time.perf_counter() - t0
+                grad_norm = engine.get_global_grad_norm()
+                logger.log(step, {
+                    "train/loss": train_loss,
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/tokens_per_s": tokens_per_step / elapsed,
+                })
+            if step % cfg.eval_interval == 0 or step == cfg.train_steps:
+                last_val = validation_loss(engine, val_batches, device)
+                logger.log(step, last_val)
+            if step % cfg.save_interval == 0 or step == cfg.train_steps:
+                checkpointing.save(engine, ckpt_dir, step=step, keep=cfg.keep_checkpoints,
+                                   client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
+                                                 "preset": cfg.preset})
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val.get('val/loss', math.nan):.3f}")
+    finally:
+        progress.close()
+        logger.close()
+    return last_val
+
+
+def _progress_bar(enabled: bool, *, initial: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(initial=initial, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
