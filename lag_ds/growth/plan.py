@@ -98,7 +98,9 @@ class LayerSource:
 
     @property
     def copy_from(self) -> int | None:
-        """Old layer whose parameters (and moments) are copied into this one, or None (random)."""
+        """Old layer whose parameters are copied into this one; None when drawn from the initialiser.
+
+        What the new layer's optimizer moments start from is the adapter's declared policy."""
         return None if self.init in RANDOM_INITS else self.old_index
 
     def rule(self) -> str:
