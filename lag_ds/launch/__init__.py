@@ -1,1 +1,32 @@
+"""Launching candidate jobs: allocations, slices, commands, supervision, journal.
 
+Knows nothing of models: a job is a command + environment + run directory, and the only thing
+read back is ``metrics.jsonl``.  Entry point: :func:`run_jobs`.
+"""
+
+from lag_ds.launch.allocation import LOCALHOST, Allocation, Host, Slice, expand_nodelist
+from lag_ds.launch.jobs import (
+    DEEPSPEED_RUNNER,
+    DEFAULT_BASE_PORT,
+    JobSpec,
+    Launcher,
+    build_command,
+    build_env,
+    is_port_free,
+    pick_port,
+    remote_env_text,
+)
+from lag_ds.launch.journal import FINAL_STATES, STATES, Journal, JournalRecord
+from lag_ds.launch.progress import ProgressReporter, ProgressRow, format_table
+from lag_ds.launch.supervisor import NON_FINITE_EXIT_CODE, JobResult, run_jobs
+from lag_ds.launch.watch import MetricsWatcher
+
+__all__ = [
+    "LOCALHOST", "Allocation", "Host", "Slice", "expand_nodelist",
+    "DEEPSPEED_RUNNER", "DEFAULT_BASE_PORT", "JobSpec", "Launcher", "build_command", "build_env",
+    "is_port_free", "pick_port", "remote_env_text",
+    "FINAL_STATES", "STATES", "Journal", "JournalRecord",
+    "ProgressReporter", "ProgressRow", "format_table",
+    "NON_FINITE_EXIT_CODE", "JobResult", "run_jobs",
+    "MetricsWatcher",
+]

@@ -54,10 +54,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     ckpt_dir = run_dir / "checkpoints"
 
     data = prepare_data(cfg.data, Path(cfg.cache_dir))
+    tokenizer = data.tokenizer()
     model_cfg = get_preset(cfg.preset)
     if cfg.num_layers is not None:
         model_cfg = model_cfg.with_layers(cfg.num_layers)
-    vocab = model_cfg.padded_vocab_size(data.tokenizer.vocab_size, ps.get_tensor_model_parallel_world_size())
+    vocab = model_cfg.padded_vocab_size(tokenizer.vocab_size, ps.get_tensor_model_parallel_world_size())
     model = build_gpt_model(model_cfg, vocab_size=vocab, seed=cfg.seed)
     engine, _, _, ds = initialize_engine(cfg, model)
 
@@ -87,9 +88,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     grad_acc = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    source = Ul2BatchSource(data.train, data.tokenizer, seq_len=model_cfg.seq_length,
+    source = Ul2BatchSource(data.train_dataset(), tokenizer, seq_len=model_cfg.seq_length,
                             global_batch_size=cfg.global_batch_size, seed=cfg.data_seed)
-    val_batches = validation_batches(data.valid, data.tokenizer, seq_len=model_cfg.seq_length,
+    val_batches = validation_batches(data.valid_dataset(), tokenizer, seq_len=model_cfg.seq_length,
                                      num_samples=cfg.eval_samples, batch_size=cfg.micro_batch_size,
                                      seed=cfg.data_seed)
     if rank == 0:
@@ -110,6 +111,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     try:
         while step < cfg.train_steps:
             t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step's update uses
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(grad_acc):
                 batch = source.micro_batch(step, dp_rank=dp_rank, dp_size=dp_size,
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 grad_norm = engine.get_global_grad_norm()
                 logger.log(step, {
                     "train/loss": train_loss,
-                    "train/lr": engine.get_lr()[0],
+                    "train/lr": lr,
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "train/tokens_per_s": tokens_per_step / elapsed,
                 })

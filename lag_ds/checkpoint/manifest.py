@@ -1,0 +1,99 @@
+"""The manifest that makes a directory a checkpoint: written last, sha256 + size of every file.
+
+``manifest.json``::
+
+    {"format": "lag_ds.checkpoint", "format_version": 1, "kind": "deepspeed-universal" | "hf-safetensors",
+     "source": {...}, "plan": {...} | null, "extra": {...},
+     "files": {"relative/path": {"size": int, "sha256": hex}, ...}}
+
+``verify_manifest`` names every missing, truncated or altered file (RELIABILITY.md #2).
+Hashing streams files in 8 MiB blocks, so it needs no memory beyond that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lag_ds.checkpoint"
+MANIFEST_VERSION = 1
+_BLOCK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, _, files in os.walk(root):
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            if path.name != MANIFEST_NAME or path.parent != root:
+                yield path
+
+
+def write_manifest(
+    root: Path, *, kind: str, source: dict[str, Any], plan: dict[str, Any] | None, extra: dict[str, Any],
+    known_hashes: dict[Path, str] | None = None, progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Hash every file under ``root`` and write ``root/manifest.json`` (call it last).
+
+    ``known_hashes`` maps a file's inode path to a hash already computed (hard-linked files from a
+    verified source need not be re-read).
+    """
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(_walk(root)):
+        rel = path.relative_to(root).as_posix()
+        digest = (known_hashes or {}).get(path) or sha256_file(path)
+        files[rel] = {"size": path.stat().st_size, "sha256": digest}
+        if progress:
+            progress(1)
+    manifest = {
+        "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "kind": kind,
+        "source": source, "plan": plan, "extra": extra, "files": files,
+    }
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, root / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"{root}: no {MANIFEST_NAME} (not a complete lag_ds checkpoint)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt manifest ({exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
+    return manifest
+
+
+def verify_manifest(root: Path) -> list[str]:
+    """Problems found (empty = intact): one line per missing, resized, altered or unexpected file."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems = []
+    for rel, meta in sorted(manifest["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != meta["size"]:
+            problems.append(f"{path}: size {path.stat().st_size} != {meta['size']} (truncated or extended)")
+        elif sha256_file(path) != meta["sha256"]:
+            problems.append(f"{path}: sha256 mismatch (altered)")
+    listed = set(manifest["files"])
+    for path in _walk(root):
+        if path.relative_to(root).as_posix() not in listed:
+            problems.append(f"{path}: not in manifest")
+    return problems

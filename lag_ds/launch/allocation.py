@@ -1,0 +1,256 @@
+"""Allocations (hosts with slots) and their division into equal slices, one candidate per slice.
+
+An allocation is what the cluster gave us: hosts, each with a number of slots (GPUs, or CPU ranks
+on a CPU box).  LAG trains many small candidate jobs of the same shape, so the allocation is cut
+into equal *slices*; a slice is a DeepSpeed ``--include`` spec.
+
+Why the tiling rules are strict:
+
+* Within a host a slice takes consecutive slots, and a host's slots must be a multiple of the
+  slice size -- leftover slots would sit idle for the whole LAG phase without anyone noticing.
+* A slice larger than a host takes *whole* hosts: a rank group that spans hosts but shares a host
+  with another job's ranks would contend for the same NICs and memory, making candidates' speeds
+  (and hang timeouts) depend on their neighbours.
+
+Sources: a local box, a DeepSpeed/MPI hostfile (``worker-0 slots=4``), or a SLURM job's
+environment.  The SLURM nodelist is expanded here (``node[01-03,07],gpu5``) rather than by
+``scontrol`` so that the launcher runs, and is tested, without SLURM installed.
+
+Example::
+
+    >>> alloc = Allocation.from_hostfile("hostfile")          # doctest: +SKIP
+    >>> [s.include for s in alloc.split(2)]                    # doctest: +SKIP
+    ['worker-0:0,1', 'worker-0:2,3', 'worker-1:0,1', 'worker-1:2,3']
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCALHOST = "localhost"
+_HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)\s*(#.*)?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    """A machine and how many slots (accelerators / ranks) the job may use on it."""
+
+    name: str
+    slots: int
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() or c in ",:@" for c in self.name):
+            raise ValueError(f"Host: invalid host name {self.name!r}")
+        if self.slots < 1:
+            raise ValueError(f"Host {self.name!r}: slots must be >= 1, got {self.slots}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Slice:
+    """Part of an allocation that runs one job: ``((host, (slot, ...)), ...)`` plus its index."""
+
+    index: int
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def __iter__(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        return iter(self.parts)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(host for host, _ in self.parts)
+
+    @property
+    def num_slots(self) -> int:
+        return sum(len(slots) for _, slots in self.parts)
+
+    @property
+    def is_local(self) -> bool:
+        """True when every rank runs on this machine (no hostfile, no ssh needed)."""
+        return self.hosts == (LOCALHOST,)
+
+    @property
+    def include(self) -> str:
+        """DeepSpeed ``--include`` syntax: ``host1:0,1@host2:0``."""
+        return "@".join(f"{host}:{','.join(map(str, slots))}" for host, slots in self.parts)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Ordered hosts; rank order (and so the master host) follows this order."""
+
+    hosts: tuple[Host, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+        if not self.hosts:
+            raise ValueError("Allocation: no hosts")
+        names = [h.name for h in self.hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"Allocation: duplicate hosts {dupes}")
+
+    @property
+    def num_slots(self) -> int:
+        return sum(h.slots for h in self.hosts)
+
+    @property
+    def is_local(self) -> bool:
+        return len(self.hosts) == 1 and self.hosts[0].name == LOCALHOST
+
+    # ---- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def local(cls, num_slots: int) -> "Allocation":
+        """This machine with ``num_slots`` slots."""
+        return cls((Host(name=LOCALHOST, slots=num_slots),))
+
+    @classmethod
+    def from_hostfile(cls, path: str | Path) -> "Allocation":
+        """Parse a DeepSpeed hostfile: ``hostname slots=N`` lines, ``#`` comments, blank lines."""
+        path = Path(path)
+        hosts: list[Host] = []
+        seen: dict[str, int] = {}
+        for number, raw in enumerate(path.read_text().splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = _HOSTFILE_LINE.match(line)
+            if m is None:
+                raise ValueError(f"{path}:{number}: expected 'hostname slots=N', got {raw!r}")
+            name, slots = m["host"], int(m["slots"])
+            if name in seen:
+                raise ValueError(f"{path}:{number}: host {name!r} already listed on line "
+                                 f"{seen[name]}")
+            if slots < 1:
+                raise ValueError(f"{path}:{number}: slots must be >= 1, got {slots}")
+            seen[name] = number
+            hosts.append(Host(name=name, slots=slots))
+        if not hosts:
+            raise ValueError(f"{path}: hostfile lists no hosts")
+        return cls(tuple(hosts))
+
+    @classmethod
+    def from_slurm(cls, env: Mapping[str, str] | None = None) -> "Allocation":
+        """Build from ``SLURM_JOB_NODELIST`` and ``SLURM_GPUS_ON_NODE`` (else
+        ``SLURM_NTASKS_PER_NODE``) -- every node gets the same number of slots."""
+        env = os.environ if env is None else env
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("from_slurm: SLURM_JOB_NODELIST is not set (not inside a SLURM job?)")
+        for var in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+            if env.get(var):
+                value = env[var]
+                break
+        else:
+            raise ValueError("from_slurm: neither SLURM_GPUS_ON_NODE nor SLURM_NTASKS_PER_NODE "
+                             "is set; request --gpus-per-node or --ntasks-per-node")
+        if not value.isdigit():
+            raise ValueError(f"from_slurm: {var}={value!r} is not a slot count")
+        return cls(tuple(Host(name=n, slots=int(value)) for n in expand_nodelist(nodelist)))
+
+    # ---- output -------------------------------------------------------------------------------
+
+    def hostfile_text(self) -> str:
+        """This allocation as a DeepSpeed hostfile."""
+        return "".join(f"{h.name} slots={h.slots}\n" for h in self.hosts)
+
+    def split(self, slots_per_slice: int) -> list[Slice]:
+        """Cut into equal slices of ``slots_per_slice`` slots (see the module docstring)."""
+        if slots_per_slice < 1:
+            raise ValueError(f"split: slots_per_slice must be >= 1, got {slots_per_slice}")
+        slices: list[Slice] = []
+        pending: list[Host] = []  # whole hosts gathered for one multi-host slice
+        for host in self.hosts:
+            if pending or host.slots < slots_per_slice:
+                pending.append(host)
+                gathered = sum(h.slots for h in pending)
+                if gathered > slots_per_slice:
+                    raise ValueError(
+                        f"split: cannot tile slices of {slots_per_slice} slots: hosts "
+                        f"{[h.name for h in pending]} hold {gathered} slots, and a slice larger "
+                        "than a host must be made of whole hosts")
+                if gathered == slots_per_slice:
+                    parts = tuple((h.name, tuple(range(h.slots))) for h in pending)
+                    slices.append(Slice(index=len(slices), parts=parts))
+                    pending = []
+                continue
+            if host.slots % slots_per_slice:
+                raise ValueError(
+                    f"split: host {host.name!r} has {host.slots} slots, not a multiple of "
+                    f"{slots_per_slice}; {host.slots % slots_per_slice} slots would sit idle")
+            for start in range(0, host.slots, slots_per_slice):
+                slots = tuple(range(start, start + slots_per_slice))
+                slices.append(Slice(index=len(slices), parts=((host.name, slots),)))
+        if pending:
+            raise ValueError(
+                f"split: cannot tile slices of {slots_per_slice} slots: the last hosts "
+                f"{[h.name for h in pending]} hold only {sum(h.slots for h in pending)} slots")
+        return slices
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside ``[...]``."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"expand_nodelist: unbalanced ']' in {text!r}")
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth != 0:
+        raise ValueError(f"expand_nodelist: unbalanced '[' in {text!r}")
+    items.append("".join(current))
+    return items
+
+
+def _expand_range(spec: str, *, nodelist: str) -> list[str]:
+    out: list[str] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ValueError(f"expand_nodelist: bad range {part!r} in {nodelist!r}")
+        lo, hi = m[1], m[2] if m[2] is not None else m[1]
+        if int(hi) < int(lo):
+            raise ValueError(f"expand_nodelist: descending range {part!r} in {nodelist!r}")
+        width = len(lo)  # SLURM keeps the zero padding of the lower bound
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def _expand_one(item: str, *, nodelist: str) -> list[str]:
+    m = re.search(r"\[([^\[\]]*)\]", item)
+    if m is None:
+        if not item or "]" in item:
+            raise ValueError(f"expand_nodelist: bad host {item!r} in {nodelist!r}")
+        return [item]
+    head, tail = item[:m.start()], item[m.end():]
+    rests = _expand_one(tail, nodelist=nodelist) if tail else [""]
+    return [head + n + rest for n in _expand_range(m[1], nodelist=nodelist) for rest in rests]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist: ``node[01-03,07],gpu5`` -> node01 node02 node03 node07 gpu5.
+
+    Supports several bracket groups per name (``r[1-2]n[1-2]``) and keeps zero padding.
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("expand_nodelist: empty nodelist")
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts.extend(_expand_one(item.strip(), nodelist=nodelist))
+    dupes = sorted({h for h in hosts if hosts.count(h) > 1})
+    if dupes:
+        raise ValueError(f"expand_nodelist: {nodelist!r} names {dupes} more than once")
+    return hosts
+

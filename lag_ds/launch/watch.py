@@ -1,0 +1,100 @@
+"""Incremental reader of a running job's ``metrics.jsonl``: progress and non-finite losses.
+
+The supervisor polls every job every fraction of a second, so re-reading whole files would cost
+O(length) per poll; this reader keeps a byte offset and only ever consumes *complete* lines (the
+trainer may be mid-write), leaving a partial line for the next poll.
+
+It feeds three decisions (RELIABILITY item 7):
+
+* progress -- a new complete record resets the hang timer;
+* divergence -- a NaN/inf ``train/loss`` or ``val/loss*`` value stops the job at once, before it
+  burns its remaining steps (the trainer itself exits 3 on a non-finite loss; this is the second
+  line of defence for a trainer that does not);
+* display -- first/last step and the last ``val/loss``.
+
+A complete line that is not a JSON object with an integer ``step`` raises ``ValueError`` naming
+``file:line``: the selector would refuse the file later anyway, better to say so now.
+
+Example::
+
+    >>> w = MetricsWatcher(Path("runs/c0/metrics.jsonl"))            # doctest: +SKIP
+    >>> w.poll(), w.last_step, w.non_finite                           # doctest: +SKIP
+    (3, 300020, None)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _is_loss_tag(tag: str) -> bool:
+    return tag == "train/loss" or tag == "val/loss" or tag.startswith("val/loss/")
+
+
+class MetricsWatcher:
+    """Tail of one metrics file; call :meth:`poll` repeatedly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0
+        self._line_number = 0
+        self.num_records = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.last_val_loss: float | None = None
+        self.non_finite: tuple[int, str] | None = None
+        """(step, tag) of the first non-finite loss seen."""
+
+    def poll(self) -> int:
+        """Consume new complete lines; returns how many records were read."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size < self._offset:  # the file was replaced or rewritten: read it again
+            self._reset()
+        if size == self._offset:
+            return 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(size - self._offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return 0  # only a partial line so far
+        count = 0
+        for raw in chunk[:end].split(b"\n"):
+            self._line_number += 1
+            self._consume(raw)
+            count += 1
+        self._offset += end + 1
+        return count
+
+    def _consume(self, raw: bytes) -> None:
+        where = f"{self.path}:{self._line_number}"
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{where}: not a JSON object") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"{where}: 'step' must be an integer, got {step!r}")
+        self.num_records += 1
+        if self.first_step is None:
+            self.first_step = step
+        self.last_step = step
+        for tag, value in record.items():
+            if not _is_loss_tag(tag):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: {tag!r} must be a number, got {value!r}")
+            if not math.isfinite(value) and self.non_finite is None:
+                self.non_finite = (step, tag)
+        if "val/loss" in record:
+            self.last_val_loss = float(record["val/loss"])

@@ -1,0 +1,128 @@
+"""A stand-in for the trainer: writes metrics.jsonl exactly as the contract says, in milliseconds.
+
+No torch, no deepspeed: it starts in ~30 ms, so supervision tests (waves, crashes, hangs, NaN,
+resume after SIGKILL) run fast.  The curve is ``loss0 - loss_slope * steps_done`` so the LAG
+winner is predictable.  Only rank 0 writes metrics (as the real trainer does); every rank appends
+one line to ``launches.jsonl`` so tests can count launches and check the rank environment.
+
+It "checkpoints" its step to ``ckpt.json`` at every eval and resumes from there, like the trainer
+resuming from its own checkpoint after a restart.
+
+Modes: ``ok``; ``crash`` (exit 1 at --fail-at); ``hang`` (stop writing and sleep at --fail-at);
+``nan`` (losses become NaN at --fail-at and it keeps going -- the supervisor must stop it);
+``nan-exit`` (writes a NaN loss and exits 3, as the trainer does).
+
+Usable from tests via :func:`job` (builds a ``JobSpec`` that runs this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--start-step", type=int, default=0)
+    p.add_argument("--eval-interval", type=int, default=5)
+    p.add_argument("--sleep-per-step", type=float, default=0.0)
+    p.add_argument("--loss0", type=float, default=3.0)
+    p.add_argument("--loss-slope", type=float, default=0.01)
+    p.add_argument("--mode", choices=["ok", "crash", "hang", "nan", "nan-exit"], default="ok")
+    p.add_argument("--fail-at", type=int, default=None, help="steps done when the mode kicks in")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
+    args = p.parse_args(argv)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _append(run_dir / "launches.jsonl", {
+        "pid": os.getpid(), "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "local_rank": os.environ.get("LOCAL_RANK"), "local_rank_arg": args.local_rank,
+        "master_port": os.environ.get("MASTER_PORT"), "time": time.time(),
+        "env_probe": os.environ.get("FAKE_PROBE")})
+    fail_at = args.steps // 2 if args.fail_at is None else args.fail_at
+    metrics = run_dir / "metrics.jsonl"
+    ckpt = run_dir / "ckpt.json"
+    start = args.start_step
+
+    def loss(done: int) -> float:
+        if args.mode == "nan" and done >= fail_at:
+            return float("nan")
+        return args.loss0 - args.loss_slope * done
+
+    def write(record: dict) -> None:
+        if rank == 0:
+            _append(metrics, {"wall_time": time.time(), **record})
+
+    done = json.loads(ckpt.read_text())["step"] - start if ckpt.exists() else 0
+    if done == 0:
+        write({"step": start, "val/loss": loss(0), "val/loss/causal": loss(0)})  # LAG@0
+    while done < args.steps:
+        if done == fail_at:
+            if args.mode == "crash":
+                print(f"fake_trainer: crashing at step {start + done}", file=sys.stderr)
+                return 1
+            if args.mode == "hang":
+                time.sleep(3600)
+            if args.mode == "nan-exit":
+                write({"step": start + done, "train/loss": float("nan")})
+                return 3
+        time.sleep(args.sleep_per_step)
+        done += 1
+        write({"step": start + done, "train/loss": loss(done) + 0.05, "train/lr": 1e-4})
+        if done % args.eval_interval == 0 or done == args.steps:
+            write({"step": start + done, "val/loss": loss(done)})
+            if rank == 0:
+                tmp = ckpt.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"step": start + done}))
+                os.replace(tmp, ckpt)
+    if rank == 0:
+        (run_dir / "done").write_text(str(start + done))
+    return 0
+
+
+def job(root: Path, name: str, *, launcher_env: dict | None = None, **options):
+    """A ``JobSpec`` running this file in ``root/name`` with ``--option value`` flags."""
+    from lag_ds.launch import JobSpec
+
+    run_dir = root / name
+    args = ["--run-dir", str(run_dir)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
+    return JobSpec(name=name, script=str(HERE), args=args, run_dir=run_dir,
+                   env=launcher_env or {})
+
+
+def launches(run_dir: Path, rank: int = 0) -> list[dict]:
+    """Launch records of ``rank`` (one per process start)."""
+    path = Path(run_dir) / "launches.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["rank"] == rank]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
