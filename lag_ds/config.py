@@ -36,6 +36,12 @@ def load_dataclass(cls: type[T], data: dict[str, Any] | None, *, source: str = "
             value = load_dataclass(sub, value, source=f"{source}:{key}")
         elif isinstance(value, list):
             value = tuple(value)
+        elif _accepts_float(hints[key]) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            # PyYAML reads `3e-4` (no dot) as a string; a float field takes it as the number it is.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{source}: {key}={value!r} is not a number") from None
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -72,6 +78,10 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             raise ValueError(f"--set {item!r}: unknown key {key!r}")
         node[parts[-1]] = yaml.safe_load(raw)
     return load_dataclass(type(cfg), data, source="--set")
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or (float in typing.get_args(hint) and int not in typing.get_args(hint))
 
 
 def _dataclass_type(hint: Any) -> type | None:

@@ -10,7 +10,7 @@ resuming from its own checkpoint after a restart.
 
 Modes: ``ok``; ``crash`` (exit 1 at --fail-at); ``hang`` (stop writing and sleep at --fail-at);
 ``nan`` (losses become NaN at --fail-at and it keeps going -- the supervisor must stop it);
-``nan-exit`` (writes a NaN loss and exits 3, as the trainer does).
+``nan-exit`` (exits 3 at --fail-at, as the trainer does on a non-finite loss).
 
 Usable from tests via :func:`job` (builds a ``JobSpec`` that runs this file).
 """
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["ok", "crash", "hang", "nan", "nan-exit"], default="ok")
     p.add_argument("--fail-at", type=int, default=None, help="steps done when the mode kicks in")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--only-first-launch", action="store_true",
+                   help="apply --mode only on the first launch (a transient failure)")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
     args = p.parse_args(argv)
     if args.ignore_sigterm:
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "master_port": os.environ.get("MASTER_PORT"), "time": time.time(),
         "env_probe": os.environ.get("FAKE_PROBE")})
     fail_at = args.steps // 2 if args.fail_at is None else args.fail_at
+    if args.only_first_launch and len(launches(run_dir, rank)) > 1:
+        args.mode = "ok"
     metrics = run_dir / "metrics.jsonl"
     ckpt = run_dir / "ckpt.json"
     start = args.start_step
@@ -82,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if args.mode == "hang":
                 time.sleep(3600)
-            if args.mode == "nan-exit":
-                write({"step": start + done, "train/loss": float("nan")})
+            if args.mode == "nan-exit":  # the trainer's own check fired before logging
+                print(f"fake_trainer: non-finite loss at step {start + done}", file=sys.stderr)
                 return 3
         time.sleep(args.sleep_per_step)
         done += 1
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.write_text(json.dumps({"step": start + done}))
                 os.replace(tmp, ckpt)
     if rank == 0:
-        (run_dir / "done").write_text(str(start + done))
+        (run_dir / "done").write_text(json.dumps({"step": start + done, "time": time.time()}))
     return 0
 
 

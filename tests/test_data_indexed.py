@@ -89,39 +89,32 @@ def _corpus(path: Path, docs: int = 120) -> Path:
     return path
 
 
-def test_prepare_data_concurrent_callers_share_one_build(tmp_path: Path) -> None:
+def test_prepare_data_concurrent_callers_share_one_build(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import lag_ds.data.tokenizer as tokmod
+
     cfg = DataConfig(source=str(_corpus(tmp_path / "c.jsonl")), vocab_size=150,
-                     num_sentinels=20, valid_fraction=0.1, tokenizer_sample_lines=5000)
-    object.__setattr__  # (frozen dataclass: configs are not mutated below)
-    cfg = DataConfig(**{**cfg.__dict__})
+                     tokenizer_byte_fallback=False, num_sentinels=20, valid_fraction=0.1,
+                     tokenizer_sample_lines=5000)
+    trainings: list[int] = []
+    real = tokmod.train_sentencepiece
+    monkeypatch.setattr(tokmod, "train_sentencepiece",
+                        lambda *a, **k: trainings.append(1) or real(*a, **k))
     results, errors = [], []
 
     def call() -> None:
         try:
             results.append(prepare_data(cfg, tmp_path / "cache"))
-        except Exception as e:  # pragma: no cover - surfaced by the assert below
+        except Exception as e:  # surfaced by the assert below
             errors.append(e)
 
-    import lag_ds.data.tokenizer as tokmod
-
-    calls = []
-    real = tokmod.train_sentencepiece
-
-    def counting(*a, **k):  # count trainings across both threads
-        calls.append(1)
-        return real(*a, **k)
-
-    tokmod.train_sentencepiece = counting
-    try:
-        threads = [threading.Thread(target=call) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        tokmod.train_sentencepiece = real
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not errors, errors
-    assert len(calls) == 1  # one caller trained, the others waited and reused
+    assert len(trainings) == 1  # one caller trained, the others waited and reused
     assert results[0] == results[1] == results[2]
     p = results[0]
     assert (p.num_train_documents, p.num_valid_documents) == (108, 12)
@@ -150,3 +143,5 @@ def test_data_config_validation(tmp_path: Path) -> None:
         DataConfig(valid_fraction=0.0)
     with pytest.raises(ValueError, match="tokenizer_model"):
         DataConfig(tokenizer_model=str(tmp_path / "none.model"))
+    with pytest.raises(ValueError, match="vocab_size"):
+        DataConfig(vocab_size=100)  # byte fallback needs more pieces

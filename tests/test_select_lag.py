@@ -113,7 +113,8 @@ def test_bad_arguments():
 def test_selection_json_round_trip_and_no_temp_left(tmp_path, curves):
     curves = dict(curves)
     curves["diverged"] = _curve("diverged", [(0, 2.0), (10, float("nan"))])
-    sel = select_lag(curves, k=40, base_step=BASE, smoothing_window=2, failed={"gone": "exit code 1"})
+    sel = select_lag(curves, k=40, base_step=BASE, smoothing_window=2,
+                     failed={"gone": "exit code 1"})
     out = tmp_path / "lag" / "selection.json"
     write_selection_json(out, sel, data_seed=1234, extra={"design_space": "12to16"})
     assert sorted(os.listdir(out.parent)) == ["selection.json"]

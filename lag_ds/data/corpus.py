@@ -104,7 +104,8 @@ def build_demo_corpus(out_dir: Path, *, max_bytes: int = 8_000_000) -> Path:
                     total += len(text.encode("utf-8"))
                     num_docs += 1
             if num_docs == 0:
-                raise ValueError(f"build_demo_corpus: no stdlib module fits in max_bytes={max_bytes}")
+                raise ValueError(f"build_demo_corpus: no stdlib module fits in "
+                                 f"max_bytes={max_bytes}")
             os.replace(tmp, corpus)
         finally:
             tmp.unlink(missing_ok=True)
@@ -129,8 +130,8 @@ def _is_saved_dataset(path: Path) -> bool:
 def _check_local(source: str) -> Path:
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"data source {source!r} does not exist (expected 'demo', 'hf:NAME[:SPLIT]',"
-                         f" a {'/'.join(FILE_SUFFIXES)} file or a directory)")
+        raise ValueError(f"data source {source!r} does not exist (expected 'demo', "
+                         f"'hf:NAME[:SPLIT]', a {'/'.join(FILE_SUFFIXES)} file or a directory)")
     if path.is_file() and path.suffix not in FILE_SUFFIXES:
         raise ValueError(f"data source {source!r}: unsupported file type {path.suffix!r} "
                          f"(supported: {', '.join(FILE_SUFFIXES)})")
@@ -149,7 +150,8 @@ def source_files(source: str) -> list[Path]:
     files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES),
                    key=lambda p: p.relative_to(path).as_posix())
     if not files:
-        raise ValueError(f"data source {source!r}: directory has no {'/'.join(FILE_SUFFIXES)} files")
+        raise ValueError(f"data source {source!r}: directory has no "
+                         f"{'/'.join(FILE_SUFFIXES)} files")
     return files
 
 

@@ -137,7 +137,7 @@ def build_split_datasets(docs: Iterable[str], tokenizer: _Encoder, prefixes: Seq
 
 def build_indexed_dataset(docs: Iterable[str], tokenizer: _Encoder, prefix: Path, *,
                           dtype: type[np.number] | None = None) -> Path:
-    """Write ``docs`` as one indexed dataset at ``prefix`` (``.bin``/``.idx``); return ``prefix``."""
+    """Write ``docs`` as one indexed dataset at ``prefix`` (.bin/.idx); return ``prefix``."""
     build_split_datasets(docs, tokenizer, [prefix], dtype=dtype)
     return Path(prefix)
 

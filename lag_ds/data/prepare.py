@@ -54,6 +54,7 @@ class DataConfig:
     tokenizer_sample_lines: int = 100_000  # lines sampled to train SentencePiece
     tokenizer_max_documents: int | None = None  # sample only from the first N documents
     tokenizer_threads: int = 2  # SentencePiece's output depends on it
+    tokenizer_byte_fallback: bool = True  # unknown characters -> byte pieces (needs > 262 pieces)
     num_sentinels: int = 100  # span-corruption sentinels at the top of the vocabulary
     valid_fraction: float = 0.02  # document i is validation iff floor((i+1)f) > floor(i f)
     seed: int = 1234  # tokenizer-training sample seed
@@ -66,11 +67,14 @@ class DataConfig:
             raise ValueError(f"DataConfig.num_sentinels must be >= 1, got {self.num_sentinels}")
         if self.tokenizer_model is not None and not Path(self.tokenizer_model).is_file():
             raise ValueError(f"DataConfig.tokenizer_model {self.tokenizer_model} does not exist")
+        if self.tokenizer_model is None:
+            self.spm_config()  # validates the tokenizer-training fields now
 
     def spm_config(self) -> SpmTrainConfig:
         return SpmTrainConfig(vocab_size=self.vocab_size, model_type=self.tokenizer_type,
                               input_sentence_size=self.tokenizer_sample_lines,
                               max_documents=self.tokenizer_max_documents,
+                              byte_fallback=self.tokenizer_byte_fallback,
                               num_threads=self.tokenizer_threads, seed=self.seed)
 
 

@@ -195,8 +195,11 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
 @lru_cache(maxsize=64)
 def span_raw_length(seq_len: int, noise_density: float, mean_noise_span_length: float) -> int:
     """Largest raw length n with n + 2 K(n) + 4 <= seq_len + 1 (K = number of noise spans)."""
+    def total(n: int) -> int:  # BOS, mode, inputs, SEP, targets, EOS
+        return n + 2 * num_noise_spans(n, noise_density, mean_noise_span_length) + 4
+
     n = seq_len - 5
-    while n >= 2 and n + 2 * num_noise_spans(n, noise_density, mean_noise_span_length) + 4 > seq_len + 1:
+    while n >= 2 and total(n) > seq_len + 1:
         n -= 1
     if n < 2:
         raise ValueError(f"seq_len={seq_len} is too short for a span-corruption example")

@@ -50,7 +50,7 @@ class JournalRecord:
     """Pid of the process-group leader (the launcher process)."""
     pgid: int | None = None
     start_ticks: int | None = None
-    """Leader's start time from /proc (clock ticks since boot): tells a live job from a reused pid."""
+    """Leader's start time (/proc, clock ticks since boot): tells our job from a reused pid."""
     port: int | None = None
     include: str | None = None
     """The slice (DeepSpeed ``--include`` spec) the job was launched on."""

@@ -59,6 +59,7 @@ from lag_ds.launch.journal import Journal, JournalRecord
 from lag_ds.launch.process import (
     ProcessHandle,
     find_live_job,
+    group_members,
     is_alive,
     kill_leftovers,
     read_exit_code,
@@ -163,8 +164,9 @@ class _Supervisor:
                 code = read_exit_code(job.exit_path)
                 if code is not None:  # it ended while nobody watched
                     watcher = MetricsWatcher(job.metrics_path)
-                    self._read_metrics(watcher)
-                    self._conclude(job, rec.attempt, *self._judge_exit(code, watcher), code)
+                    bad = self._read_metrics(watcher)
+                    verdict = ("failed", bad, False) if bad else self._judge_exit(code, watcher)
+                    self._conclude(job, rec.attempt, *verdict, code)
                 else:
                     reason = "restart: process gone without a recorded end"
                     self._record(name, "pending", attempt=rec.attempt, reason=reason)
@@ -254,10 +256,14 @@ class _Supervisor:
 
     def _check(self, a: _Active) -> None:
         alive = is_alive(a.handle)
-        before = a.watcher.num_records
+        if not alive and a.stop_reason is not None:
+            # Being stopped: the ranks get their grace period even when the wrapper (or the
+            # DeepSpeed runner) died of the SIGTERM at once.
+            alive = bool(group_members(a.handle.pgid, started_since=a.handle.start_ticks))
+        before = a.watcher.records_seen
         bad = self._read_metrics(a.watcher)
         now = time.monotonic()
-        if a.watcher.num_records > before:
+        if a.watcher.records_seen > before:
             a.last_progress = now
         if not alive:
             self._ended(a)
@@ -362,8 +368,8 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
     with _journal_lock(journal_path):
         hostfile = None
         if not all(s.is_local for s in slices):
-            hostfile = journal_path.parent / "hostfile"
-            tmp = hostfile.with_suffix(".tmp")
+            hostfile = journal_path.with_suffix(".hostfile")  # never the user's own hostfile
+            tmp = hostfile.with_suffix(".hostfile.tmp")
             tmp.write_text(allocation.hostfile_text())
             os.replace(tmp, hostfile)
         sup = _Supervisor(jobs, slices, journal=Journal(journal_path), hostfile=hostfile,

@@ -38,10 +38,13 @@ class MetricsWatcher:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.records_seen = 0
+        """Records consumed over the watcher's life (never reset): the progress counter."""
         self._reset()
 
     def _reset(self) -> None:
         self._offset = 0
+        self._tail = b""  # the last bytes consumed, to notice a file rewritten under us
         self._line_number = 0
         self.num_records = 0
         self.first_step: int | None = None
@@ -51,27 +54,32 @@ class MetricsWatcher:
         """(step, tag) of the first non-finite loss seen."""
 
     def poll(self) -> int:
-        """Consume new complete lines; returns how many records were read."""
+        """Consume new complete lines; returns how many records were read.
+
+        A resumed trainer truncates the steps after its checkpoint and appends again; if the
+        bytes before our offset are no longer the ones we read, the file is read from the start.
+        """
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             return 0
-        if size < self._offset:  # the file was replaced or rewritten: read it again
-            self._reset()
-        if size == self._offset:
-            return 0
         with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(size - self._offset)
+            f.seek(self._offset - len(self._tail))
+            if size < self._offset or f.read(len(self._tail)) != self._tail:
+                self._reset()
+                f.seek(0)
+            chunk = f.read(max(0, size - self._offset))
         end = chunk.rfind(b"\n")
         if end < 0:
-            return 0  # only a partial line so far
+            return 0  # nothing new, or only a partial line so far
         count = 0
         for raw in chunk[:end].split(b"\n"):
             self._line_number += 1
             self._consume(raw)
             count += 1
         self._offset += end + 1
+        self._tail = chunk[max(0, end + 1 - 64):end + 1]
+        self.records_seen += count
         return count
 
     def _consume(self, raw: bytes) -> None:

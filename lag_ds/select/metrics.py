@@ -83,7 +83,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise ValueError(f"pearson: need two 1-D arrays of equal length >= 2, got {x.shape}, {y.shape}")
+        raise ValueError(f"pearson: need two 1-D arrays of equal length >= 2, "
+                         f"got {x.shape}, {y.shape}")
     dx, dy = x - x.mean(), y - y.mean()
     denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
     return math.nan if denom == 0 else float(dx @ dy) / denom

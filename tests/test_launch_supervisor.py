@@ -1,0 +1,208 @@
+"""Supervision with the fake trainer: waves, ports, crash / hang / NaN, retries, progress."""
+
+import fcntl
+import io
+import json
+import os
+import signal
+import time
+
+import fake_trainer as ft
+import pytest
+
+from lag_ds.launch import (
+    Allocation,
+    Journal,
+    ProgressReporter,
+    ProgressRow,
+    format_table,
+    run_jobs,
+)
+from lag_ds.launch.process import group_members
+from lag_ds.select import load_curve, select_lag
+
+
+@pytest.fixture
+def journal_path(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    yield path
+    for rec in Journal(path).records() if path.exists() else []:  # never leak a stray job
+        if rec.pgid is not None:
+            try:
+                os.killpg(rec.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _run(jobs, journal_path, *, num_slots=2, **kw):
+    opts = dict(slots_per_slice=1, journal_path=journal_path, hang_timeout_s=5.0,
+                max_retries=0, poll_interval_s=0.02, launcher="direct", kill_grace_s=0.5)
+    opts.update(kw)
+    return run_jobs(jobs, Allocation.local(num_slots), **opts)
+
+
+def test_waves_five_jobs_over_two_slices(tmp_path, journal_path):
+    jobs = [ft.job(tmp_path, f"c{i}", steps=8, sleep_per_step=0.03, loss0=3.0 + i)
+            for i in range(5)]
+    results = _run(jobs, journal_path)
+    assert {n: r.state for n, r in results.items()} == {f"c{i}": "finished" for i in range(5)}
+    assert all(r.exit_code == 0 and r.attempt == 1 for r in results.values())
+
+    # From the fake trainer's own start/end times: never more than 2 at once, and 2 at some point.
+    events = []
+    for j in jobs:
+        (start,) = [r["time"] for r in ft.launches(j.run_dir)]
+        events += [(start, 1), (json.loads((j.run_dir / "done").read_text())["time"], -1)]
+    running, peak = 0, 0
+    for _, delta in sorted(events):
+        running += delta
+        peak = max(peak, running)
+    assert peak == 2
+
+    # From the journal: a slice is never given to two live jobs; concurrent ports differ; each
+    # job saw the port the journal recorded.
+    busy: dict[str, str] = {}
+    ports: dict[str, int] = {}
+    for rec in Journal(journal_path).records():
+        if rec.state == "running":
+            assert rec.include not in busy.values()
+            assert rec.port not in ports.values()
+            busy[rec.candidate], ports[rec.candidate] = rec.include, rec.port
+            (launch,) = ft.launches(tmp_path / rec.candidate)
+            assert launch["master_port"] == str(rec.port)
+        elif rec.is_final:
+            busy.pop(rec.candidate)
+            ports.pop(rec.candidate)
+    assert not busy
+    # the curves are what the selector will read
+    assert load_curve(jobs[4].metrics_path).steps.tolist() == [0, 5, 8]
+
+
+def test_crash_hang_nan_fail_with_reasons_while_siblings_finish(tmp_path, journal_path):
+    jobs = [
+        ft.job(tmp_path, "ok_a", steps=30, sleep_per_step=0.02),
+        ft.job(tmp_path, "crash", steps=30, mode="crash", fail_at=3),
+        ft.job(tmp_path, "hang", steps=30, mode="hang", fail_at=3),
+        ft.job(tmp_path, "nan", steps=500, sleep_per_step=0.01, mode="nan", fail_at=4),
+        ft.job(tmp_path, "nan_exit", steps=30, mode="nan-exit", fail_at=2),
+        ft.job(tmp_path, "ok_b", steps=30, sleep_per_step=0.02),
+    ]
+    results = _run(jobs, journal_path, hang_timeout_s=1.5, max_retries=0)
+    got = {n: (r.state, r.reason) for n, r in results.items()}
+    assert got == {
+        "ok_a": ("finished", ""),
+        "crash": ("failed", "exit code 1"),
+        "hang": ("failed", "hung: no progress for 1.5s"),
+        "nan": ("failed", "non-finite loss at step 4"),
+        "nan_exit": ("failed", "non-finite loss"),
+        "ok_b": ("finished", ""),
+    }
+    assert results["nan_exit"].exit_code == 3
+    assert (tmp_path / "ok_a" / "done").exists() and (tmp_path / "ok_b" / "done").exists()
+    assert not (tmp_path / "nan" / "done").exists()  # stopped long before its 500 steps
+    assert "crashing at step 3" in (tmp_path / "crash" / "launcher.log").read_text()
+    for name in ("hang", "nan"):  # nothing of a stopped job survives
+        rec = [r for r in Journal(journal_path).records() if r.candidate == name][1]
+        assert group_members(rec.pgid, started_since=rec.start_ticks) == []
+
+
+def test_hang_ignoring_sigterm_gets_its_grace_then_sigkill(tmp_path, journal_path):
+    jobs = [ft.job(tmp_path, "stubborn", steps=10, mode="hang", fail_at=2, ignore_sigterm=True)]
+    t0 = time.monotonic()
+    results = _run(jobs, journal_path, hang_timeout_s=0.5, kill_grace_s=1.0)
+    elapsed = time.monotonic() - t0
+    assert (results["stubborn"].state, results["stubborn"].reason) == (
+        "failed", "hung: no progress for 0.5s")
+    # The wrapper died of SIGTERM at once, but the trainer (ignoring it) had its full grace
+    # period before the SIGKILL, and is gone now.
+    assert elapsed >= 0.5 + 1.0
+    rec = [r for r in Journal(journal_path).records() if r.state == "running"][0]
+    assert group_members(rec.pgid, started_since=rec.start_ticks) == []  # zombies don't count
+
+
+def test_retries(tmp_path, journal_path):
+    jobs = [
+        # transient: crashes on its first launch only, then resumes from its checkpoint
+        ft.job(tmp_path, "flaky", steps=10, eval_interval=5, mode="crash", fail_at=5,
+               only_first_launch=True),
+        ft.job(tmp_path, "broken", steps=10, mode="crash", fail_at=1),
+        ft.job(tmp_path, "diverges", steps=10, mode="nan-exit", fail_at=1),
+    ]
+    results = _run(jobs, journal_path, max_retries=2)
+    assert (results["flaky"].state, results["flaky"].attempt) == ("finished", 2)
+    assert (results["broken"].state, results["broken"].attempt) == ("failed", 3)
+    assert results["broken"].reason == "exit code 1"
+    # a non-finite loss is deterministic: never retried
+    assert (results["diverges"].state, results["diverges"].attempt) == ("failed", 1)
+    assert [len(ft.launches(tmp_path / n)) for n in ("flaky", "broken", "diverges")] == [2, 3, 1]
+    assert load_curve(tmp_path / "flaky" / "metrics.jsonl").steps.tolist() == [0, 5, 10]
+    flaky = [(r.state, r.attempt, r.reason) for r in Journal(journal_path).records()
+             if r.candidate == "flaky"]
+    assert ("pending", 2, "retry after: exit code 1") in flaky
+    assert flaky[-1] == ("finished", 2, "")
+
+
+def test_rerun_with_finished_journal_launches_nothing(tmp_path, journal_path):
+    jobs = [ft.job(tmp_path, "a", steps=3), ft.job(tmp_path, "b", steps=3, mode="crash", fail_at=1)]
+    first = _run(jobs, journal_path)
+    second = _run(jobs, journal_path)
+    assert first == second
+    assert [len(ft.launches(tmp_path / n)) for n in "ab"] == [1, 1]
+
+
+def test_progress_lines_and_table(tmp_path, journal_path):
+    out = io.StringIO()
+    jobs = [ft.job(tmp_path, "a", steps=5, sleep_per_step=0.02),
+            ft.job(tmp_path, "b", steps=5, mode="crash", fail_at=1)]
+    _run(jobs, journal_path, num_slots=1, progress=ProgressReporter(out, tty=False))
+    text = out.getvalue()
+    assert "a: running attempt 1" in text and "b: waiting attempt 1" in text
+    assert "b: failed attempt 1 (exit code 1)" in text and "a: finished attempt 1" in text
+
+    rows = [ProgressRow(name="dup_last", state="running", attempt=1, steps_done=40,
+                        last_step=300040, last_val_loss=2.5),
+            ProgressRow(name="rand", state="failed", attempt=2, reason="exit code 1")]
+    table = format_table(rows)
+    assert table[0] == "candidates: 1 running, 1 failed"
+    assert table[2].split() == ["dup_last", "running", "1", "40", "300040", "2.5000"]
+    assert table[3].split() == ["rand", "failed", "2", "-", "-", "-", "exit", "code", "1"]
+    tty = io.StringIO()
+    rep = ProgressReporter(tty, tty=True, min_interval_s=0)
+    rep.update(rows)
+    rep.update(rows)
+    assert tty.getvalue().count("\x1b[4F\x1b[J") == 1  # second draw moves up over the first
+
+
+def test_bad_arguments_and_busy_journal(tmp_path, journal_path):
+    a = ft.job(tmp_path, "a", steps=1)
+    with pytest.raises(ValueError, match="duplicate job names"):
+        _run([a, a], journal_path)
+    with pytest.raises(ValueError, match="hang_timeout_s must be > 0"):
+        _run([a], journal_path, hang_timeout_s=0)
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        _run([a], journal_path, num_slots=3, slots_per_slice=2)
+    with open(f"{journal_path}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="in use by another orchestrator"):
+            _run([a], journal_path)
+
+
+def test_end_to_end_launch_then_select(tmp_path, journal_path):
+    # Candidates grown at step 1000: "preserve" is best at LAG@0, "dup" wins LAG@20, "rand"
+    # would win outright but diverges, "oom" crashes.
+    base = 1000
+    common = dict(steps=20, start_step=base, eval_interval=5)
+    jobs = [ft.job(tmp_path, "preserve", loss0=3.0, loss_slope=0.001, **common),
+            ft.job(tmp_path, "dup", loss0=3.2, loss_slope=0.02, **common),
+            ft.job(tmp_path, "rand", loss0=3.3, loss_slope=0.05, mode="nan", fail_at=10,
+                   sleep_per_step=0.02, **common),
+            ft.job(tmp_path, "oom", loss0=2.0, loss_slope=0.05, mode="crash", fail_at=3, **common)]
+    results = _run(jobs, journal_path)
+    failed = {n: r.reason for n, r in results.items() if r.state == "failed"}
+    assert failed == {"rand": "non-finite loss at step 1010", "oom": "exit code 1"}
+    curves = {j.name: load_curve(j.metrics_path) for j in jobs if j.name not in failed}
+    sel = select_lag(curves, k=20, base_step=base, failed=failed)
+    assert (sel.winner, sel.lag0_winner) == ("dup", "preserve")
+    assert sel.ranking[0].lag_k_loss == pytest.approx(3.2 - 0.02 * 20)
+    assert sel.excluded == {"rand": "failed: non-finite loss at step 1010",
+                            "oom": "failed: exit code 1"}
