@@ -64,11 +64,18 @@ class ModelConfig:
         return dataclasses.replace(self, num_layers=num_layers)
 
     def padded_vocab_size(self, tokenizer_vocab: int | None, tp_size: int = 1) -> int:
+        """Vocabulary padded to a multiple of ``vocab_multiple``, *independent of TP*.
+
+        Megatron pads to ``multiple x TP``; we don't, so that the same checkpoint has the same
+        embedding shape at every TP degree and can be resharded (TP must divide the padded size).
+        """
         vocab = self.vocab_size if self.vocab_size is not None else tokenizer_vocab
         if vocab is None:
             raise ValueError("model.vocab_size is unset and no tokenizer vocabulary was given")
-        multiple = self.vocab_multiple * tp_size
-        return -(-vocab // multiple) * multiple
+        padded = -(-vocab // self.vocab_multiple) * self.vocab_multiple
+        if padded % tp_size:
+            raise ValueError(f"padded vocabulary {padded} is not divisible by tensor_parallel={tp_size}")
+        return padded
 
     def num_parameters(self, vocab_size: int) -> int:
         """Exact parameter count of the megatron-core GPTModel this config builds."""

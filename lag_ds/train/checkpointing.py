@@ -43,6 +43,25 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def read_init_pointer(ckpt_dir: Path) -> tuple[str, bool]:
+    """Tag to start from in an ``init_from`` directory and whether it is DeepSpeed's universal layout.
+
+    Grown/resharded checkpoints of ZeRO-1/2 runs (``tools/grow_checkpoint.py``) carry
+    ``latest_universal``; ordinary DeepSpeed checkpoints carry ``latest``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    universal = ckpt_dir / "latest_universal"
+    if universal.is_file() and not (ckpt_dir / "latest").exists():
+        tag = universal.read_text().strip()
+        if not TAG_PATTERN.match(tag) or not (ckpt_dir / tag / "zero" / "optimizer_state.pt").is_file():
+            raise ValueError(f"{universal}: names {tag[:40]!r}, which is not a complete universal checkpoint")
+        return tag, True
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        raise ValueError(f"init_from={ckpt_dir}: no 'latest' or 'latest_universal' pointer in that directory")
+    return tag, False
+
+
 def write_pointer(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text`` (temp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -21,7 +21,7 @@ from lag_ds.train.config import TrainConfig
 from lag_ds.train.schedules import lambda_scheduler
 
 
-def load_ds_config(cfg: TrainConfig) -> dict[str, Any]:
+def load_ds_config(cfg: TrainConfig, *, load_universal: bool = False) -> dict[str, Any]:
     """Read the DeepSpeed JSON and fill in batch sizes from the run config (refusing conflicts)."""
     path = Path(cfg.ds_config)
     if not path.is_file():
@@ -50,6 +50,10 @@ def load_ds_config(cfg: TrainConfig) -> dict[str, Any]:
     ds = copy.deepcopy(ds)
     ds.update(wanted)
     ds.setdefault("checkpoint", {})["use_node_local_storage"] = False
+    if load_universal:
+        if zero_stage(ds) == 0:
+            raise ValueError(f"{path}: a universal checkpoint (from ZeRO-1/2) needs ZeRO stage 1 or 2 to load")
+        ds["checkpoint"]["load_universal"] = True
     return ds
 
 
@@ -77,11 +81,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, ds: dict[str, Any]
                              weight_decay=o.weight_decay)
 
 
-def initialize_engine(cfg: TrainConfig, model: torch.nn.Module):
+def initialize_engine(cfg: TrainConfig, model: torch.nn.Module, *, load_universal: bool = False):
     """Returns (engine, optimizer, lr_scheduler, ds_config)."""
     import deepspeed
 
-    ds = load_ds_config(cfg)
+    ds = load_ds_config(cfg, load_universal=load_universal)
     optimizer = build_optimizer(cfg, model, ds)
     scheduler = lambda_scheduler(optimizer, cfg.schedule, peak_lr=cfg.optim.lr)
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -60,18 +60,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         model_cfg = model_cfg.with_layers(cfg.num_layers)
     vocab = model_cfg.padded_vocab_size(tokenizer.vocab_size, ps.get_tensor_model_parallel_world_size())
     model = build_gpt_model(model_cfg, vocab_size=vocab, seed=cfg.seed)
-    engine, _, _, ds = initialize_engine(cfg, model)
-
-    # Where to start: own checkpoint > init_from > scratch.
+    # Where to start: own checkpoint > init_from (native or universal) > scratch.
     own_tag = checkpointing.read_latest(ckpt_dir)
     resumed = own_tag is not None
+    init_tag, universal = (None, False)
+    if not resumed and cfg.init_from:
+        init_tag, universal = checkpointing.read_init_pointer(Path(cfg.init_from))
+    engine, _, _, ds = initialize_engine(cfg, model, load_universal=universal)
     if resumed:
         client = checkpointing.load(engine, ckpt_dir, own_tag)
-    elif cfg.init_from:
-        init_tag = checkpointing.read_latest(Path(cfg.init_from))
-        if init_tag is None:
-            raise ValueError(f"init_from={cfg.init_from}: no 'latest' pointer in that directory")
+    elif init_tag is not None:
         client = checkpointing.load(engine, Path(cfg.init_from), init_tag)
+        if "num_layers" in client and client["num_layers"] != model_cfg.num_layers:
+            raise ValueError(f"init_from={cfg.init_from} has {client['num_layers']} layers, the run config builds {model_cfg.num_layers}")
     else:
         client = {}
     if "data_seed" in client and client["data_seed"] != cfg.data_seed and resumed:

@@ -1,0 +1,252 @@
+"""Execute a growth plan on a DeepSpeed checkpoint of a megatron-core GPTModel, with optimizer state.
+
+Output layout, chosen per source ZeRO stage (and why):
+
+* **ZeRO 1/2 → DeepSpeed's universal layout** (``TAG/zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt``
+  with full, TP-merged tensors, ``TAG/zero/optimizer_state.pt``, a metadata-only
+  ``TAG/mp_rank_00_model_states.pt``, and ``latest_universal``). Stock DeepSpeed loads it with
+  ``{"checkpoint": {"load_universal": true}}`` at *any* DP degree and any TP degree dividing the
+  split dimensions (each file carries ``cat_dim`` and, for the GLU fc1, ``param_n_sub_params=2``),
+  which is exactly what LAG needs: candidates train on slices, the winner continues on the whole
+  allocation. Native partitions would tie the output to one DP degree and to DeepSpeed's private
+  alignment rules. Per-parameter files also let candidates share unchanged tensors by hard link.
+* **ZeRO 0 → native files per target TP rank** (``mp_rank_XX_model_states.pt`` with the module
+  shard and the torch optimizer state): stock DeepSpeed ignores universal checkpoints' module at
+  stage 0, and stage-0 files do not depend on DP anyway.
+
+New layers follow the plan: ``copy_from`` (duplicate / zero), or megatron-core's own init with
+the plan's per-layer seed (random / zero-random); ``zero_output_projections`` zeroes
+``linear_proj`` and ``linear_fc2`` (an identity residual block). Optimizer state of new layers:
+``copy`` (default: the source layer's Adam moments) or ``zero``; random layers and zeroed tensors
+always get zero moments (there is no meaningful source moment). Old layers' values and moments are
+copied bit for bit; every parameter keeps the source's step count.
+
+Everything is written into a temporary sibling directory, fsynced, manifested, renamed
+(:class:`AtomicDirectory`); the source is only read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
+from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
+from lag_ds.checkpoint.manifest import write_manifest
+from lag_ds.checkpoint.megatron_layout import (
+    OUTPUT_PROJECTION_SUFFIXES,
+    layer_name,
+    random_layer_param,
+    split_layer_name,
+    split_tp,
+)
+from lag_ds.growth import GrowthPlan
+
+OPTIMIZER_STATE_POLICIES = ("copy", "zero")
+UNIVERSAL_POINTER = "latest_universal"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One parameter of the grown checkpoint and where its value comes from."""
+
+    name: str
+    source: str | None  # old parameter name to copy, or None for a fresh random tensor
+    is_new: bool
+    zero_value: bool = False  # output projection of a `zero` layer
+    seed: int | None = None  # random init seed
+    suffix: str | None = None
+
+
+def plan_destinations(ckpt: DeepSpeedCheckpoint, plan: GrowthPlan | None) -> list[Destination]:
+    """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head)."""
+    if plan is None:
+        return [Destination(n, n, False) for n in ckpt.param_names]
+    if plan.old_num_layers != ckpt.num_layers:
+        raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {ckpt.tag_dir} has {ckpt.num_layers}")
+    suffixes = [s[1] for n in ckpt.param_names if (s := split_layer_name(n)) and s[0] == 0]
+    before = [n for n in ckpt.param_names[: ckpt.param_names.index(layer_name(0, suffixes[0]))]]
+    after = [n for n in ckpt.param_names if split_layer_name(n) is None and n not in before]
+    out = [Destination(n, n, False) for n in before]
+    for src in plan.layers:
+        for suffix in suffixes:
+            zero = bool(src.zero_output_projections and suffix in OUTPUT_PROJECTION_SUFFIXES)
+            source = None if src.copy_from is None else layer_name(src.copy_from, suffix)
+            out.append(Destination(layer_name(src.new_index, suffix), source, src.is_new, zero, src.seed, suffix))
+    out += [Destination(n, n, False) for n in after]
+    return out
+
+
+def _values(ckpt: DeepSpeedCheckpoint, dest: Destination, *, policy: str, std: float,
+            num_layers: int, cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """fp32 value and Adam moments (full, TP-merged) of one destination parameter."""
+    if dest.source is None:
+        shape = ckpt.full_shapes[layer_name(0, dest.suffix)]
+        value = random_layer_param(dest.suffix, shape, std=std, num_layers=num_layers, seed=dest.seed)
+        if dest.zero_value:
+            value = torch.zeros_like(value)
+        return {"fp32": value, **{k: torch.zeros_like(value) for k in STATE_KEYS}}
+    src = cache.get(dest.source)
+    if src is None:
+        cache.clear()  # destinations sharing a source are adjacent only per layer: keep one layer's worth
+        src = {key: ckpt.full_value(dest.source, key) for key in ("fp32", *STATE_KEYS)}
+        cache[dest.source] = src
+    value = torch.zeros_like(src["fp32"]) if dest.zero_value else src["fp32"]
+    if dest.is_new and (policy == "zero" or dest.zero_value):
+        return {"fp32": value, **{k: torch.zeros_like(value) for k in STATE_KEYS}}
+    return {"fp32": value, **{k: src[k] for k in STATE_KEYS}}
+
+
+def grow_deepspeed_checkpoint(
+    src: Path, dst: Path, plan: GrowthPlan | None, *, target_tp: int | None = None, target_dp: int | None = None,
+    optimizer_state: str = "copy", init_std: float = 0.02, show_progress: bool = True, unsafe_load: bool = False,
+) -> dict[str, Any]:
+    """Grow (``plan``) and/or reshard (``plan=None``) ``src`` into the new directory ``dst``; returns the manifest."""
+    if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+        raise ValueError(f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, got {optimizer_state!r}")
+    dst = Path(dst)
+    if dst.exists():
+        raise ValueError(f"--dst {dst} already exists (refusing to overwrite)")
+    ckpt = DeepSpeedCheckpoint(src, unsafe_load=unsafe_load)
+    tp = target_tp or ckpt.tp
+    dp = target_dp or ckpt.dp
+    if tp < 1 or dp < 1:
+        raise ValueError(f"--target-tp/--target-dp must be >= 1 (got {tp}, {dp})")
+    dests = plan_destinations(ckpt, plan)
+    new_layers = plan.new_num_layers if plan else ckpt.num_layers
+    for name, shape in ckpt.full_shapes.items():  # every split dimension must divide by the target TP
+        rule = ckpt.rules[name]
+        if rule.cat_dim is not None and shape[rule.cat_dim] % (tp * rule.num_sub_params):
+            raise ValueError(f"--target-tp {tp}: {name} dimension {rule.cat_dim} (size {shape[rule.cat_dim]}) is not divisible")
+    total = sum(math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(dst.parent, total * 4 * (3 if ckpt.zero_stage else 4))
+
+    universal = ckpt.zero_stage > 0
+    with AtomicDirectory(dst) as tmp:
+        tag_dir = tmp / ckpt.tag
+        tag_dir.mkdir()
+        bar = _progress(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
+        if universal:
+            _write_universal(ckpt, tag_dir, dests, policy=optimizer_state, std=init_std, num_layers=new_layers, bar=bar)
+            (tmp / UNIVERSAL_POINTER).write_text(ckpt.tag)
+        else:
+            _write_stage0(ckpt, tag_dir, dests, tp=tp, policy=optimizer_state, std=init_std,
+                          num_layers=new_layers, bar=bar)
+            (tmp / "latest").write_text(ckpt.tag)
+        bar.close()
+        manifest = write_manifest(
+            tmp, kind="deepspeed-universal" if universal else "deepspeed-zero0",
+            source={"path": str(Path(src).resolve()), "tag": ckpt.tag, "tp": ckpt.tp, "dp": ckpt.dp,
+                    "zero_stage": ckpt.zero_stage, "num_layers": ckpt.num_layers, "global_steps": ckpt.global_steps,
+                    "glu": ckpt.glu},
+            plan=plan.to_dict() if plan else None,
+            extra={
+                "num_layers": new_layers, "target_tp": tp, "target_dp": dp, "optimizer_state": optimizer_state,
+                "init_std": init_std, "step": ckpt.step,
+                "loads_with": {"checkpoint": {"load_universal": True}} if universal else {},
+                "note": ("universal layout: loads at any DP degree and any TP dividing the split dimensions"
+                         if universal else f"native ZeRO-0 files for TP={tp} (DP-independent)"),
+                "new_layer_optimizer_state": {
+                    "duplicate/zero": f"{optimizer_state} (zeroed output projections: zero moments)",
+                    "random/zero-random": "zero moments",
+                },
+            },
+        )
+    return manifest
+
+
+def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destination], *, policy: str,
+                     std: float, num_layers: int, bar: Any) -> None:
+    zero_dir = tag_dir / "zero"
+    zero_dir.mkdir()
+    step = torch.tensor(ckpt.step)
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+    for dest in dests:
+        values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers, cache=cache)
+        rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+        folder = zero_dir / dest.name
+        folder.mkdir()
+        meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
+        if rule.num_sub_params > 1:
+            meta["param_n_sub_params"] = rule.num_sub_params
+        for key, tensor in values.items():
+            torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
+        torch.save(step.clone(), folder / "step.pt")
+        bar.update(1)
+    groups = [dict(g, params=[]) for g in ckpt.param_groups()]
+    torch.save({**ckpt.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
+    torch.save(_metadata(ckpt, dests, tp=1, num_layers=num_layers, module={}, universal=True),
+               tag_dir / "mp_rank_00_model_states.pt")
+
+
+def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destination], *, tp: int, policy: str,
+                  std: float, num_layers: int, bar: Any) -> None:
+    extra_keys = _extra_state_keys(ckpt, num_layers)
+    for rank in range(tp):
+        module: dict[str, Any] = {}
+        state: dict[int, dict[str, Any]] = {}
+        cache: dict[str, dict[str, torch.Tensor]] = {}
+        for index, dest in enumerate(dests):
+            values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers, cache=cache)
+            rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+            shard = {k: split_tp(v, rule, tp, rank).clone() for k, v in values.items()}
+            module[dest.name] = shard["fp32"]
+            state[index] = {"step": torch.tensor(ckpt.step), **{k: shard[k] for k in STATE_KEYS}}
+            bar.update(1)
+        for key in extra_keys:
+            module[key] = None
+        groups = ckpt.param_groups()
+        if len(groups) != 1:
+            raise ValueError(f"{ckpt.tag_dir}: ZeRO-0 growth supports one optimizer param group, found {len(groups)}")
+        optimizer = {"state": state, "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
+        meta = _metadata(ckpt, dests, tp=tp, num_layers=num_layers, module=module, universal=False)
+        meta["optimizer"] = optimizer
+        torch.save(meta, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
+
+
+def _extra_state_keys(ckpt: DeepSpeedCheckpoint, num_layers: int) -> list[str]:
+    keys = []
+    layer_suffixes = [s[1] for k in ckpt.extra_state_keys if (s := split_layer_name(k)) and s[0] == 0]
+    for key in ckpt.extra_state_keys:
+        if split_layer_name(key) is None:
+            keys.append(key)
+    for layer in range(num_layers):
+        keys += [layer_name(layer, s) for s in layer_suffixes]
+    return keys
+
+
+def _metadata(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: int, num_layers: int,
+              module: dict[str, Any], universal: bool) -> dict[str, Any]:
+    src = ckpt.model_states[0]
+    client = dict(ckpt.client_state())
+    if "num_layers" in client:
+        client["num_layers"] = num_layers
+    meta = {
+        "module": module, "buffer_names": [], "optimizer": None, "param_shapes": None,
+        "frozen_param_shapes": None, "shared_params": None, "frozen_param_fragments": None,
+        "lr_scheduler": src.get("lr_scheduler"), "data_sampler": None, "random_ltd": None,
+        "skipped_steps": src.get("skipped_steps", 0), "global_steps": src.get("global_steps", 0),
+        "global_samples": src.get("global_samples", 0), "dp_world_size": src.get("dp_world_size", 1),
+        "mp_world_size": tp, "ds_config": src.get("ds_config", {}), "ds_version": src.get("ds_version"),
+        **client,
+    }
+    if universal:
+        meta["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.4}
+    return meta
+
+
+def _progress(enabled: bool, *, total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="param", disable=not enabled, dynamic_ncols=True)
+
+
+def iter_universal_params(tag_dir: Path) -> Iterator[str]:
+    """Parameter folder names of a universal checkpoint (for inspection and tests)."""
+    zero = Path(tag_dir) / "zero"
+    return (p.name for p in sorted(zero.iterdir()) if p.is_dir())
