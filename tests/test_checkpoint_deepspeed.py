@@ -106,14 +106,22 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("load_dp", [2, 1])
-def test_zero2_dp2_grow_duplicate_loads_at_dp2_and_dp1(sources, tmp_path, load_dp):
+@pytest.fixture(scope="module")
+def z2dp2_grown(sources, tmp_path_factory) -> dict:
+    """The ZeRO-2 DP=2 source as stock DeepSpeed sees it, and its duplicate-grown copy."""
+    root = tmp_path_factory.mktemp("z2dp2_grown")
     src = sources["z2dp2"] / "checkpoints"
     before = tree_digest(src)
-    ref = dump(src, tmp_path / "ref", stage=2, tp=1, dp=2, layers=2, universal=False, train_steps=0)
-    dst = tmp_path / "grown"
+    ref = dump(src, root / "ref", stage=2, tp=1, dp=2, layers=2, universal=False, train_steps=0)
+    dst = root / "grown"
     _ok(grow(src, dst, "--op", "k=2,i0=0,b=1,init=duplicate", "--verify"))  # [0, 0*, 1, 1*]
     assert tree_digest(src) == before  # the source is only read
+    return {"ref": ref, "dst": dst}
+
+
+@pytest.mark.parametrize("load_dp", [2, 1])
+def test_zero2_dp2_grow_duplicate_loads_at_dp2_and_dp1(z2dp2_grown, tmp_path, load_dp):
+    ref, dst = z2dp2_grown["ref"], z2dp2_grown["dst"]
     got = dump(dst, tmp_path / "got", stage=2, tp=1, dp=load_dp, layers=4, universal=True)
     plan = plan_growth(parse_operator("k=2,i0=0,b=1,init=duplicate"), 2)
     assert got["__global_steps__"] == ref["__global_steps__"] == STEPS
@@ -125,6 +133,52 @@ def test_zero2_dp2_grow_duplicate_loads_at_dp2_and_dp1(sources, tmp_path, load_d
         for key in ("fp32", "exp_avg", "exp_avg_sq"):  # bit for bit, moments copied
             assert torch.equal(values[key], ref[source][key]), (name, key, source)
     assert ref["decoder.layers.0.mlp.linear_fc1.weight"]["exp_avg"].abs().sum() > 0  # moments are real
+
+
+def test_trainer_refuses_a_grown_checkpoint_of_another_depth(sources, z2dp2_grown):
+    root = sources["root"]
+    args = ["--config", str(root / "tiny.yaml"), "--set", f"run_dir={root / 'wrong_depth'}",
+            "--set", f"init_from={z2dp2_grown['dst']}", "--set", "num_layers=3"]
+    proc = _run([sys.executable, "-m", "lag_ds.train", *args])
+    assert proc.returncode == 2
+    assert "has 4 layers but the run builds 3" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_sigkill_mid_write_leaves_no_destination_and_rerun_succeeds(sources, tmp_path):
+    import signal
+    import time
+
+    src, dst = sources["z2dp2"] / "checkpoints", tmp_path / "out"
+    before = tree_digest(src)
+    cmd = [sys.executable, str(TOOL), "--src", str(src), "--dst", str(dst), "--op", "k=2,i0=0,b=1,init=duplicate",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=deepspeed_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob(".out.partial-*/*/zero/*")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".out.partial-*")), "the writer was not caught mid-write"
+    assert not dst.exists()  # absent, never half-written
+    assert tree_digest(src) == before
+    _ok(grow(src, dst, "--op", "k=2,i0=0,b=1,init=duplicate", "--verify"))
+    assert not list(tmp_path.glob(".out.partial-*"))  # the killed run's leftovers are gone
+
+
+def test_cli_lists_the_paper_space_and_prints_plans():
+    proc = _ok(_run([sys.executable, str(TOOL), "--list-space", "--num-layers", "12", "--num-new-layers", "4",
+                     "--space", "paper", "--json"]))
+    names = json.loads(proc.stdout)
+    assert len(names) == 30 and "k4-i8-b4-duplicate" in names and "k4-i0-b1-random" in names
+    one = _ok(_run([sys.executable, str(TOOL), "--num-layers", "6", "--op", "k=3,i1=2,b=1,init=duplicate",
+                    "--dry-run", "--json"]))
+    zero = _ok(_run([sys.executable, str(TOOL), "--num-layers", "6", "--op", "k=3,i0=1,b=1,init=duplicate",
+                     "--dry-run", "--json"]))
+    assert json.loads(one.stdout) == json.loads(zero.stdout)  # i1=2 is i0=1
+    layers = json.loads(one.stdout)["layers"]
+    assert [layer["old_index"] + 1 for layer in layers] == [1, 2, 2, 3, 3, 4, 4, 5, 6]  # paper, section 2.1
+    bare = _run([sys.executable, str(TOOL), "--num-layers", "6", "--op", "k=3,i=2,b=1,init=duplicate", "--dry-run"])
+    assert bare.returncode == 2 and "--index-base" in bare.stderr
 
 
 def test_zero2_tp2_grow_random_with_zero_moments_loads_at_tp2_and_tp1(sources, tmp_path):

@@ -1,7 +1,7 @@
 """Write a checkpoint directory so that it is either absent or complete (RELIABILITY.md #1, #7, #9).
 
 Everything is written into a temporary *sibling* ``.<name>.partial-<pid>`` (same filesystem, so
-the final ``rename`` is atomic), each file fsynced; the manifest is written last; then the
+the final ``rename`` is atomic; partials left by killed processes are removed on the next run), each file fsynced; the manifest is written last; then the
 directory is renamed into place and its parent fsynced. On any exception the partial directory is
 removed. The destination must not exist beforehand: we never merge into or overwrite a checkpoint.
 
@@ -45,6 +45,16 @@ def check_free_space(target_dir: Path, needed_bytes: int, *, margin: float = 1.0
         raise ValueError(f"not enough free space in {target_dir}: need ~{needed_bytes / 1e9:.2f} GB, have {free / 1e9:.2f} GB")
 
 
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AtomicDirectory:
     """Context manager yielding a temporary directory that becomes ``final`` on success."""
 
@@ -57,8 +67,9 @@ class AtomicDirectory:
             raise DestinationExistsError(f"destination already exists: {self.final} (refusing to overwrite)")
         if not self.final.parent.is_dir():
             raise ValueError(f"parent directory of destination does not exist: {self.final.parent}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        for stale in self.final.parent.glob(f".{self.final.name}.partial-*"):
+            if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 

@@ -62,15 +62,17 @@ class Destination:
     suffix: str | None = None
 
 
-def plan_destinations(ckpt: DeepSpeedCheckpoint, plan: GrowthPlan | None) -> list[Destination]:
+def plan_destinations(param_names: list[str], num_layers: int, plan: GrowthPlan | None, *,
+                      where: str = "checkpoint") -> list[Destination]:
     """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head)."""
     if plan is None:
-        return [Destination(n, n, False) for n in ckpt.param_names]
-    if plan.old_num_layers != ckpt.num_layers:
-        raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {ckpt.tag_dir} has {ckpt.num_layers}")
-    suffixes = [s[1] for n in ckpt.param_names if (s := split_layer_name(n)) and s[0] == 0]
-    before = [n for n in ckpt.param_names[: ckpt.param_names.index(layer_name(0, suffixes[0]))]]
-    after = [n for n in ckpt.param_names if split_layer_name(n) is None and n not in before]
+        return [Destination(n, n, False) for n in param_names]
+    if plan.old_num_layers != num_layers:
+        raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {where} has {num_layers}")
+    suffixes = [s[1] for n in param_names if (s := split_layer_name(n)) and s[0] == 0]
+    first_layer = min(i for i, n in enumerate(param_names) if split_layer_name(n))
+    before = param_names[:first_layer]
+    after = [n for n in param_names[first_layer:] if split_layer_name(n) is None]
     out = [Destination(n, n, False) for n in before]
     for src in plan.layers:
         for suffix in suffixes:
@@ -81,24 +83,44 @@ def plan_destinations(ckpt: DeepSpeedCheckpoint, plan: GrowthPlan | None) -> lis
     return out
 
 
+def value_rule(dest: Destination) -> str:
+    """``copy`` the source tensor, ``zero`` it, or draw a ``random`` one."""
+    return "random" if dest.source is None else "zero" if dest.zero_value else "copy"
+
+
+def moments_rule(dest: Destination, policy: str) -> str:
+    """Adam moments: ``copy`` the source's or ``zero`` (random layers, zeroed tensors, policy zero)."""
+    if dest.source is None or dest.zero_value or (dest.is_new and policy == "zero"):
+        return "zero"
+    return "copy"
+
+
+def fresh_value(dest: Destination, shape: tuple[int, ...], *, std: float, num_layers: int) -> torch.Tensor:
+    if value_rule(dest) == "zero":
+        return torch.zeros(shape)
+    return random_layer_param(dest.suffix, shape, std=std, num_layers=num_layers, seed=dest.seed)
+
+
+def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: str, std: float,
+           num_layers: int) -> torch.Tensor:
+    """One full (TP-merged) tensor of a destination: its fp32 value or one Adam moment.
+
+    One key at a time keeps peak memory at about one full tensor (plus its TP shards): a 256k x
+    2048 embedding's value and two moments are 6 GB together, 2 GB apart.
+    """
+    shape = ckpt.full_shapes[dest.source or layer_name(0, dest.suffix)]
+    rule = value_rule(dest) if key == "fp32" else moments_rule(dest, policy)
+    if rule == "copy":
+        return ckpt.full_value(dest.source, key)
+    if key == "fp32":
+        return fresh_value(dest, shape, std=std, num_layers=num_layers)
+    return torch.zeros(shape)
+
+
 def _values(ckpt: DeepSpeedCheckpoint, dest: Destination, *, policy: str, std: float,
-            num_layers: int, cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """fp32 value and Adam moments (full, TP-merged) of one destination parameter."""
-    if dest.source is None:
-        shape = ckpt.full_shapes[layer_name(0, dest.suffix)]
-        value = random_layer_param(dest.suffix, shape, std=std, num_layers=num_layers, seed=dest.seed)
-        if dest.zero_value:
-            value = torch.zeros_like(value)
-        return {"fp32": value, **{k: torch.zeros_like(value) for k in STATE_KEYS}}
-    src = cache.get(dest.source)
-    if src is None:
-        cache.clear()  # destinations sharing a source are adjacent only per layer: keep one layer's worth
-        src = {key: ckpt.full_value(dest.source, key) for key in ("fp32", *STATE_KEYS)}
-        cache[dest.source] = src
-    value = torch.zeros_like(src["fp32"]) if dest.zero_value else src["fp32"]
-    if dest.is_new and (policy == "zero" or dest.zero_value):
-        return {"fp32": value, **{k: torch.zeros_like(value) for k in STATE_KEYS}}
-    return {"fp32": value, **{k: src[k] for k in STATE_KEYS}}
+            num_layers: int) -> dict[str, torch.Tensor]:
+    return {key: _value(ckpt, dest, key, policy=policy, std=std, num_layers=num_layers)
+            for key in ("fp32", *STATE_KEYS)}
 
 
 def grow_deepspeed_checkpoint(
@@ -116,7 +138,7 @@ def grow_deepspeed_checkpoint(
     dp = target_dp or ckpt.dp
     if tp < 1 or dp < 1:
         raise ValueError(f"--target-tp/--target-dp must be >= 1 (got {tp}, {dp})")
-    dests = plan_destinations(ckpt, plan)
+    dests = plan_destinations(ckpt.param_names, ckpt.num_layers, plan, where=str(ckpt.tag_dir))
     new_layers = plan.new_num_layers if plan else ckpt.num_layers
     for name, shape in ckpt.full_shapes.items():  # every split dimension must divide by the target TP
         rule = ckpt.rules[name]
@@ -165,17 +187,17 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
     zero_dir = tag_dir / "zero"
     zero_dir.mkdir()
     step = torch.tensor(ckpt.step)
-    cache: dict[str, dict[str, torch.Tensor]] = {}
     for dest in dests:
-        values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers, cache=cache)
         rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
         folder = zero_dir / dest.name
         folder.mkdir()
         meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
         if rule.num_sub_params > 1:
             meta["param_n_sub_params"] = rule.num_sub_params
-        for key, tensor in values.items():
+        for key in ("fp32", *STATE_KEYS):
+            tensor = _value(ckpt, dest, key, policy=policy, std=std, num_layers=num_layers)
             torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
+            del tensor
         torch.save(step.clone(), folder / "step.pt")
         bar.update(1)
     groups = [dict(g, params=[]) for g in ckpt.param_groups()]
@@ -190,9 +212,8 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
     for rank in range(tp):
         module: dict[str, Any] = {}
         state: dict[int, dict[str, Any]] = {}
-        cache: dict[str, dict[str, torch.Tensor]] = {}
         for index, dest in enumerate(dests):
-            values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers, cache=cache)
+            values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers)
             rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
             shard = {k: split_tp(v, rule, tp, rank).clone() for k, v in values.items()}
             module[dest.name] = shard["fp32"]

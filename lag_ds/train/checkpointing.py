@@ -62,6 +62,19 @@ def read_init_pointer(ckpt_dir: Path) -> tuple[str, bool]:
     return tag, False
 
 
+def checkpoint_num_layers(ckpt_dir: Path, tag: str, *, universal: bool) -> int:
+    """Decoder layers in a checkpoint, read from parameter names (universal folders or the module)."""
+    tag_dir = Path(ckpt_dir) / tag
+    if universal:
+        names = [p.name for p in (tag_dir / "zero").iterdir() if p.is_dir()]
+    else:
+        from lag_ds.checkpoint.safe_load import load_checkpoint_file
+
+        names = list(load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt")["module"])
+    layers = {int(m.group(1)) for n in names if (m := re.match(r"^decoder\.layers\.(\d+)\.", n))}
+    return len(layers)
+
+
 def write_pointer(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text`` (temp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(f".{path.name}.tmp")

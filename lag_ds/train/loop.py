@@ -66,13 +66,16 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     init_tag, universal = (None, False)
     if not resumed and cfg.init_from:
         init_tag, universal = checkpointing.read_init_pointer(Path(cfg.init_from))
+        # DeepSpeed's universal loader silently skips parameters the model lacks: check depth first.
+        found = checkpointing.checkpoint_num_layers(Path(cfg.init_from), init_tag, universal=universal)
+        if found != model_cfg.num_layers:
+            raise ValueError(f"init_from={cfg.init_from} has {found} layers but the run builds "
+                             f"{model_cfg.num_layers} (set num_layers={found})")
     engine, _, _, ds = initialize_engine(cfg, model, load_universal=universal)
     if resumed:
         client = checkpointing.load(engine, ckpt_dir, own_tag)
     elif init_tag is not None:
         client = checkpointing.load(engine, Path(cfg.init_from), init_tag)
-        if "num_layers" in client and client["num_layers"] != model_cfg.num_layers:
-            raise ValueError(f"init_from={cfg.init_from} has {client['num_layers']} layers, the run config builds {model_cfg.num_layers}")
     else:
         client = {}
     if "data_seed" in client and client["data_seed"] != cfg.data_seed and resumed:

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# LAG for UL2 pretraining, end to end, through the deepspeed launcher:
+#   base checkpoint -> grow with every operator of a design space -> candidate k-step jobs run
+#   concurrently on slices of the allocation -> LAG@k selection -> the winner continues training.
+#
+# Every knob is an environment variable (defaults = the CPU demo: small preset, offline demo
+# corpus, 2 local slots, 8 candidates, about 10 minutes on 2 cores). Extra arguments are passed to
+# `python -m lag_ds.stacking` (see its --help). Re-running the same command resumes.
+#
+# The paper's UL2 setting (12 -> 16 layers, 30 operators, LAG@2000, grown at 300k, to 400k):
+#   BASE_CKPT=runs/ul2_1.1b_base/checkpoints TRAIN_CONFIG=launch_scripts/configs/ul2_1.1b_base.yaml \
+#   GROW_LAYERS=4 SPACE=paper LAG_STEPS=2000 EVAL_INTERVAL=100 TOTAL_STEPS=400000 \
+#   HOSTFILE=/path/to/hostfile SLOTS_PER_SLICE=8 launch_scripts/ul2_grow.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+export PATH="$(dirname "$(readlink -f "$PYTHON")"):$PATH"   # the venv's `deepspeed` runner
+
+OUT_DIR=${OUT_DIR:-runs/lag_demo}
+TRAIN_CONFIG=${TRAIN_CONFIG:-launch_scripts/configs/small_base.yaml}
+BASE_CKPT=${BASE_CKPT:-}              # empty: pretrain the base first (BASE_STEPS steps)
+BASE_STEPS=${BASE_STEPS:-300}
+GROW_LAYERS=${GROW_LAYERS:-2}         # k in L -> L+k
+SPACE=${SPACE:-"starts0=0,2;blocks=1,2;inits=duplicate,random"}
+LAG_STEPS=${LAG_STEPS:-40}            # LAG@k
+EVAL_INTERVAL=${EVAL_INTERVAL:-10}
+SMOOTHING=${SMOOTHING:-1}
+TOTAL_STEPS=${TOTAL_STEPS:-440}
+SLOTS_PER_SLICE=${SLOTS_PER_SLICE:-1}
+HANG_TIMEOUT=${HANG_TIMEOUT:-300}
+MAX_RETRIES=${MAX_RETRIES:-0}
+if [ -n "${HOSTFILE:-}" ]; then
+  ALLOCATION="hostfile:$HOSTFILE"
+elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  ALLOCATION=slurm
+else
+  ALLOCATION="local:${NUM_SLOTS:-2}"
+fi
+
+args=(--out-dir "$OUT_DIR" --train-config "$TRAIN_CONFIG" --grow-layers "$GROW_LAYERS" --space "$SPACE"
+      --lag-steps "$LAG_STEPS" --eval-interval "$EVAL_INTERVAL" --smoothing-window "$SMOOTHING"
+      --total-steps "$TOTAL_STEPS" --allocation "$ALLOCATION" --slots-per-slice "$SLOTS_PER_SLICE"
+      --hang-timeout-s "$HANG_TIMEOUT" --max-retries "$MAX_RETRIES")
+if [ -n "$BASE_CKPT" ]; then args+=(--base-checkpoint "$BASE_CKPT"); else args+=(--base-steps "$BASE_STEPS"); fi
+
+exec "$PYTHON" -m lag_ds.stacking "${args[@]}" "$@"
