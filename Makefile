@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# Until the LAG pipeline lands, the demo is base pretraining of the small preset.
-demo: base-demo
+# The demo is the user's main job with its embedded CPU default: base pretraining of the small
+# preset, 8 growth candidates raced 2 at a time, LAG@40, the winner promoted (launch_scripts/ul2_grow.sh).
+demo: $(STAMP)
+	PYTHON=$(PY) launch_scripts/ul2_grow.sh
 
 base-demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m lag_ds.train --config launch_scripts/configs/small_base.yaml

@@ -135,6 +135,15 @@ def test_zero2_dp2_grow_duplicate_loads_at_dp2_and_dp1(z2dp2_grown, tmp_path, lo
     assert ref["decoder.layers.0.mlp.linear_fc1.weight"]["exp_avg"].abs().sum() > 0  # moments are real
 
 
+def test_universal_files_hold_only_their_parameter(z2dp2_grown):
+    """A saved view would drag its whole memory-mapped ZeRO partition into every file."""
+    files = list(z2dp2_grown["dst"].glob("global_step*/zero/*/fp32.pt"))
+    assert len(files) > 10
+    for path in files:
+        numel = torch.load(path)["param"].numel()
+        assert path.stat().st_size < numel * 4 + 4096, path
+
+
 def test_trainer_refuses_a_grown_checkpoint_of_another_depth(sources, z2dp2_grown):
     root = sources["root"]
     args = ["--config", str(root / "tiny.yaml"), "--set", f"run_dir={root / 'wrong_depth'}",

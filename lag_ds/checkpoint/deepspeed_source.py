@@ -235,8 +235,9 @@ class DeepSpeedCheckpoint:
             flat = (osd["single_partition_of_fp32_groups"][frag.group] if key == "fp32"
                     else osd["base_optimizer_state"]["state"][frag.group][key])
             pieces.append(flat.narrow(0, frag.start, frag.numel))
-        # one fragment: a view of the memory-mapped partition (no copy until merged or saved)
-        joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        # Always a copy: a view would keep the whole memory-mapped partition as its storage, and
+        # torch.save writes a tensor's entire storage.
+        joined = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
         return joined.float().reshape(shape)
 
     def full_value(self, name: str, key: str = "fp32") -> torch.Tensor:

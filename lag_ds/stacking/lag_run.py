@@ -152,7 +152,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
         raise RuntimeError(f"promoted run failed: {result.reason} (see {promoted.log_path})")
     final = load_curve(promoted.metrics_path, name="promoted")
     summary = {"winner": selection.winner, "lag0_winner": selection.lag0_winner, "decision_step": decision,
-               "final_step": final.steps[-1], "final_val_loss": final.values[-1],
+               "final_step": int(final.steps[-1]), "final_val_loss": float(final.values[-1]),
                "selection": str((out / "selection.json").resolve()), "tensorboard": str(tb_dir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(selection, failed, summary))
