@@ -133,14 +133,9 @@ def run_sampled(cmd: list[str]) -> dict:
 
 
 def du(path: Path) -> int:
-    seen, total = set(), 0
-    for p in path.rglob("*"):
-        if p.is_file():
-            st = p.stat()
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_size
-    return total
+    from lag_ds.checkpoint.universal_links import disk_usage
+
+    return disk_usage([path])["bytes_on_disk"]
 
 
 def main(argv: list[str] | None = None) -> dict:

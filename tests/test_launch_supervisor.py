@@ -206,3 +206,21 @@ def test_end_to_end_launch_then_select(tmp_path, journal_path):
     assert sel.ranking[0].lag_k_loss == pytest.approx(3.2 - 0.02 * 20)
     assert sel.excluded == {"rand": "failed: non-finite loss at step 1010",
                             "oom": "failed: exit code 1"}
+
+
+def test_non_tty_heartbeat_repeats_running_jobs_only():
+    out = io.StringIO()
+    rep = ProgressReporter(out, tty=False, heartbeat_s=0.0)
+    rows = [ProgressRow(name="a", state="running", attempt=1, steps_done=3, last_step=13, last_val_loss=2.0),
+            ProgressRow(name="b", state="finished", attempt=1)]
+    rep.update(rows)
+    rep.update(rows)
+    lines = out.getvalue().splitlines()
+    assert sum("a: running" in line for line in lines) == 2  # repeated as a heartbeat
+    assert sum("b: finished" in line for line in lines) == 1  # unchanged non-running state: once
+    assert "step 13 val/loss 2.0000" in lines[-1]
+    quiet = io.StringIO()
+    rep = ProgressReporter(quiet, tty=False, heartbeat_s=3600)
+    rep.update(rows)
+    rep.update(rows)
+    assert quiet.getvalue().count("a: running") == 1

@@ -57,13 +57,16 @@ def format_table(rows: Sequence[ProgressRow]) -> list[str]:
 
 
 class ProgressReporter:
-    """Redraws a table on a TTY, prints state changes otherwise."""
+    """Redraws a table on a TTY; otherwise prints state changes, plus a heartbeat line per running
+    job every ``heartbeat_s`` (steps done, last validation loss) so a tailed log shows progress."""
 
     def __init__(self, stream: TextIO = sys.stderr, *, tty: bool | None = None,
-                 min_interval_s: float = 0.5) -> None:
+                 min_interval_s: float = 0.5, heartbeat_s: float = 30.0) -> None:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.min_interval_s = min_interval_s
+        self.heartbeat_s = heartbeat_s
+        self._last_heartbeat = time.monotonic()
         self._drawn_lines = 0
         self._last_draw = 0.0
         self._last_state: dict[str, tuple[str, int, str]] = {}
@@ -82,9 +85,12 @@ class ProgressReporter:
             self._last_draw = now
         else:
             stamp = time.strftime("%H:%M:%S")
+            heartbeat = time.monotonic() - self._last_heartbeat >= self.heartbeat_s
+            if heartbeat:
+                self._last_heartbeat = time.monotonic()
             for r in rows:
                 key = (r.state, r.attempt, r.reason)
-                if self._last_state.get(r.name) == key:
+                if self._last_state.get(r.name) == key and not (heartbeat and r.state == "running"):
                     continue
                 self._last_state[r.name] = key
                 detail = f" step {r.last_step}" if r.last_step is not None else ""
