@@ -20,17 +20,11 @@ import shutil
 from pathlib import Path
 from types import TracebackType
 
+from lag_ds.atomic_io import fsync_dir
+
 
 class DestinationExistsError(ValueError):
     pass
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:

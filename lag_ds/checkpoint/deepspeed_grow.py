@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -265,9 +265,3 @@ def _progress(enabled: bool, *, total: int, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="param", disable=not enabled, dynamic_ncols=True)
-
-
-def iter_universal_params(tag_dir: Path) -> Iterator[str]:
-    """Parameter folder names of a universal checkpoint (for inspection and tests)."""
-    zero = Path(tag_dir) / "zero"
-    return (p.name for p in sorted(zero.iterdir()) if p.is_dir())

@@ -7,7 +7,7 @@ safe without a coordinator:
 * **Keyed by content.** A cache entry's name is a hash of what it was built from
   (:func:`hash_files`, :func:`hash_json`), so a changed corpus or parameter builds a new
   entry instead of silently reusing a stale one.
-* **Atomic publication.** Builders write ``<name>.tmp-<pid>-<rand>`` and ``os.replace`` it onto
+* **Atomic publication.** Builders write ``.<name>.tmp-<pid>-<rand>`` and ``os.replace`` it onto
   the final name (:func:`temp_path`, :func:`atomic_write_text`). A reader therefore never sees
   a half-written file; a crashed build leaves only a temp file that is ignored.
 * **One builder at a time.** :func:`file_lock` takes an exclusive ``fcntl.flock`` on a lock
@@ -22,12 +22,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lag_ds.atomic_io import atomic_write_text, temp_sibling  # noqa: F401 (re-exported)
 
 _BLOCK = 1 << 20
 
@@ -56,21 +56,7 @@ def hash_files(paths: Iterable[Path], *, root: Path | None = None) -> str:
 
 def temp_path(final: Path) -> Path:
     """A unique sibling of ``final`` to write into before ``os.replace``-ing it onto ``final``."""
-    return final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return temp_sibling(final)
 
 
 @contextmanager

@@ -26,7 +26,6 @@ from lag_ds.model.spec import gpt_layer_spec
 
 
 def transformer_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,

@@ -22,13 +22,12 @@ Example::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lag_ds.atomic_io import atomic_write_text
 from lag_ds.select.curves import CurveSummary
 from lag_ds.select.lag import RankedCandidate, Selection
 
@@ -70,23 +69,7 @@ def write_selection_json(path: str | Path, selection: Selection, *, data_seed: i
         raise ValueError(f"write_selection_json: data_seed must be an int, got {data_seed!r}")
     text = json.dumps(_selection_to_json(selection, data_seed=data_seed, extra=extra),
                       indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_text(path, text)
     return path
 
 

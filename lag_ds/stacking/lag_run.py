@@ -28,7 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lag_ds.checkpoint.atomic import AtomicDirectory
 from lag_ds.checkpoint.deepspeed_grow import grow_deepspeed_checkpoint
 from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
 from lag_ds.checkpoint.manifest import MANIFEST_NAME

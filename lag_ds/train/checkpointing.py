@@ -14,13 +14,14 @@ A ``latest`` naming a missing or incomplete directory is an error, never a silen
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from lag_ds.atomic_io import atomic_write_text
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
@@ -77,17 +78,7 @@ def checkpoint_num_layers(ckpt_dir: Path, tag: str, *, universal: bool) -> int:
 
 def write_pointer(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text`` (temp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(path, text)
 
 
 def save(engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int) -> Path:
