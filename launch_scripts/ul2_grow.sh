@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-export PATH="$(dirname "$(readlink -f "$PYTHON")"):$PATH"   # the venv's `deepspeed` runner
+export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"   # the venv's `deepspeed` runner (not the symlink target)
 
 OUT_DIR=${OUT_DIR:-runs/lag_demo}
 TRAIN_CONFIG=${TRAIN_CONFIG:-launch_scripts/configs/small_base.yaml}

@@ -145,3 +145,17 @@ def test_rerun_resumes_without_rerunning_anything(lag_run):
     assert journal.read_text().count('"running"') == before  # no candidate launched again
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert json.loads((out / "selection.json").read_text())["winner"] == winner
+
+
+def test_ul2_grow_sh_maps_environment_to_the_cli(tmp_path):
+    script = REPO / "launch_scripts/ul2_grow.sh"
+    env = deepspeed_env()
+    env.update(PYTHON=sys.executable, OUT_DIR=str(tmp_path / "x"), LAG_STEPS="0")
+    proc = subprocess.run([str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "lag_steps must be positive, got 0" in proc.stderr
+    env.update(LAG_STEPS="5", NUM_SLOTS="3", SLOTS_PER_SLICE="2")
+    proc = subprocess.run([str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # 3 slots cannot tile slices of 2: refused before any job
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "x" / "base").exists()
+    assert not (tmp_path / "x" / "candidates").exists()

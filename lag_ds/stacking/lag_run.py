@@ -59,6 +59,18 @@ def _run(cfg: LagRunConfig, jobs: list[JobSpec], *, journal: Path, slots_per_sli
                     progress=ProgressReporter(), base_port=cfg.base_port)
 
 
+def _check_topology(cfg: LagRunConfig, train_cfg: TrainConfig, allocation) -> None:
+    """Fail before any job starts if the slices or batch sizes cannot work (not after the base run)."""
+    allocation.split(cfg.slots_per_slice)  # raises with the reason when slices cannot tile
+    for what, slots in (("--slots-per-slice", cfg.slots_per_slice), ("the whole allocation", allocation.num_slots)):
+        if slots % train_cfg.tensor_parallel:
+            raise ValueError(f"{what}: {slots} slots not divisible by tensor_parallel={train_cfg.tensor_parallel}")
+        dp = slots // train_cfg.tensor_parallel
+        if train_cfg.global_batch_size % (train_cfg.micro_batch_size * dp):
+            raise ValueError(f"{what}: global_batch_size={train_cfg.global_batch_size} not divisible by "
+                             f"micro_batch_size x DP = {train_cfg.micro_batch_size} x {dp}")
+
+
 def _complete(path: Path) -> bool:
     return (path / MANIFEST_NAME).is_file()
 
@@ -70,6 +82,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     allocation = parse_allocation(cfg.allocation)
     all_slots = allocation.num_slots
     tb_dir = (out / "tb").resolve()
+    _check_topology(cfg, train_cfg, allocation)
 
     # 1. base checkpoint
     if cfg.base_checkpoint:
@@ -87,6 +100,8 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     if source.zero_stage == 0:
         raise ValueError(f"{base}: LAG candidates need a ZeRO-1/2 base (universal layout); this one is ZeRO-0")
     ops = parse_space(cfg.space, num_layers=num_layers, num_new_layers=cfg.grow_layers)
+    if cfg.total_steps <= base_step + cfg.lag_steps:
+        raise ValueError(f"--total-steps {cfg.total_steps} must exceed base step {base_step} + --lag-steps {cfg.lag_steps}")
     log(f"base: {num_layers} layers at step {base_step}; {len(ops)} candidates; LAG@{cfg.lag_steps}")
 
     # 2. base in universal layout, once

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from lag_ds.atomic_io import atomic_write_text
+
 
 class MetricLogger:
     def __init__(self, *, jsonl_path: Path, tb_dir: Path | None, resume_step: int | None, enabled: bool) -> None:
@@ -69,6 +71,4 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a line torn by a crash mid-write
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
