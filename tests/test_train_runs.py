@@ -84,9 +84,10 @@ def test_resume_is_bit_exact(tiny_config, straight_run, tmp_path):
     assert full[8] < full[1]
 
 
-def test_zero2_dp2_through_deepspeed_launcher(tiny_config, straight_run, tmp_path):
+@pytest.mark.parametrize("stage", [2, 1])
+def test_zero_dp2_through_deepspeed_launcher(tiny_config, straight_run, tmp_path, stage):
     run_dir = tmp_path / "dp2"
-    ok(run_trainer(tiny_config, run_dir, launcher_gpus=2))
+    ok(run_trainer(tiny_config, run_dir, f"ds_config={REPO / f'ds_configs/cpu_zero{stage}.json'}", launcher_gpus=2))
     ckpt = run_dir / "checkpoints/global_step8"
     assert sorted(p.name for p in ckpt.glob("*.pt")) == [
         "mp_rank_00_model_states.pt",
@@ -155,6 +156,17 @@ def test_tensorboard_events_readable(straight_run):
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(1, 9))
     assert acc.Scalars("val/loss")[-1].value == pytest.approx(val_losses(straight_run)[8])
+
+
+def test_adafactor_is_refused_with_zero_and_trains_with_zero0(tiny_config, tmp_path):
+    proc = run_trainer(tiny_config, tmp_path / "z2", "optim.name=adafactor")
+    assert proc.returncode == 2
+    assert "Adafactor needs ZeRO stage 0 in fp32" in proc.stderr.strip().splitlines()[-1]
+    run_dir = tmp_path / "z0"
+    ok(run_trainer(tiny_config, run_dir, "optim.name=adafactor", "optim.lr=1e-2", "train_steps=4",
+                   f"ds_config={REPO / 'ds_configs/cpu_zero0.json'}"))
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
