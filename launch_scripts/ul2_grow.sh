@@ -10,7 +10,8 @@
 # The paper's UL2 setting (12 -> 16 layers, 30 operators, LAG@2000, grown at 300k, to 400k):
 #   BASE_CKPT=runs/ul2_1.1b_base/checkpoints TRAIN_CONFIG=launch_scripts/configs/ul2_1.1b_base.yaml \
 #   GROW_LAYERS=4 SPACE=paper LAG_STEPS=2000 EVAL_INTERVAL=100 TOTAL_STEPS=400000 \
-#   HOSTFILE=/path/to/hostfile SLOTS_PER_SLICE=8 launch_scripts/ul2_grow.sh
+#   HOSTFILE=/path/to/hostfile SLOTS_PER_SLICE=8 HANG_TIMEOUT=1800 launch_scripts/ul2_grow.sh
+# (HANG_TIMEOUT must cover loading the checkpoint and the first validation before a job logs anything.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
