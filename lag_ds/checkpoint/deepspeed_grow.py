@@ -202,7 +202,7 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
         bar.update(1)
     groups = [dict(g, params=[]) for g in ckpt.param_groups()]
     torch.save({**ckpt.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
-    torch.save(_metadata(ckpt, dests, tp=1, num_layers=num_layers, module={}, universal=True),
+    torch.save(_metadata(ckpt, tp=1, num_layers=num_layers, module={}, universal=True),
                tag_dir / "mp_rank_00_model_states.pt")
 
 
@@ -225,7 +225,7 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
         if len(groups) != 1:
             raise ValueError(f"{ckpt.tag_dir}: ZeRO-0 growth supports one optimizer param group, found {len(groups)}")
         optimizer = {"state": state, "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
-        meta = _metadata(ckpt, dests, tp=tp, num_layers=num_layers, module=module, universal=False)
+        meta = _metadata(ckpt, tp=tp, num_layers=num_layers, module=module, universal=False)
         meta["optimizer"] = optimizer
         torch.save(meta, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
 
@@ -241,7 +241,7 @@ def _extra_state_keys(ckpt: DeepSpeedCheckpoint, num_layers: int) -> list[str]:
     return keys
 
 
-def _metadata(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: int, num_layers: int,
+def _metadata(ckpt: DeepSpeedCheckpoint, *, tp: int, num_layers: int,
               module: dict[str, Any], universal: bool) -> dict[str, Any]:
     src = ckpt.model_states[0]
     client = dict(ckpt.client_state())

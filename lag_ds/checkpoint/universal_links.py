@@ -17,7 +17,6 @@ with ``plan=None`` (native ZeRO-1/2 → universal). Rules for new layers are the
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,6 @@ from lag_ds.checkpoint.manifest import read_manifest, write_manifest
 from lag_ds.checkpoint.megatron_layout import layer_name, split_layer_name
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 from lag_ds.growth import GrowthPlan
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def universal_tag_dir(root: Path) -> Path:
@@ -61,9 +58,9 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
     tag_dir = universal_tag_dir(base)
     zero = tag_dir / "zero"
     names = sorted(p.name for p in zero.iterdir() if p.is_dir())
-    num_layers = len({int(m.group(1)) for n in names if (m := _LAYER.match(n))})
-    ordered = ([n for n in names if not _LAYER.match(n)]
-               + sorted((n for n in names if _LAYER.match(n)), key=lambda n: split_layer_name(n)))
+    layer_params = sorted((n for n in names if split_layer_name(n)), key=split_layer_name)
+    num_layers = len({split_layer_name(n)[0] for n in layer_params})
+    ordered = [n for n in names if not split_layer_name(n)] + layer_params
     dests = plan_destinations(ordered, num_layers, plan, where=str(base))
     base_hashes = {(base / rel): meta["sha256"] for rel, meta in base_manifest["files"].items()}
     known: dict[Path, str] = {}

@@ -34,7 +34,7 @@ from lag_ds.checkpoint.manifest import MANIFEST_NAME
 from lag_ds.checkpoint.universal_links import disk_usage, materialise_candidate
 from lag_ds.config import apply_overrides, load_yaml
 from lag_ds.growth import parse_space, plan_growth
-from lag_ds.launch import JobSpec, ProgressReporter, run_jobs
+from lag_ds.launch import Allocation, JobSpec, ProgressReporter, run_jobs
 from lag_ds.select import load_curve, select_lag, write_selection_json
 from lag_ds.stacking.allocations import parse_allocation
 from lag_ds.stacking.config import LagRunConfig
@@ -53,8 +53,9 @@ def _train_job(cfg: LagRunConfig, name: str, run_dir: Path, sets: list[str]) -> 
                    env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def _run(cfg: LagRunConfig, jobs: list[JobSpec], *, journal: Path, slots_per_slice: int) -> dict:
-    return run_jobs(jobs, parse_allocation(cfg.allocation), slots_per_slice=slots_per_slice, journal_path=journal,
+def _run(cfg: LagRunConfig, allocation: Allocation, jobs: list[JobSpec], *, journal: Path,
+         slots_per_slice: int) -> dict:
+    return run_jobs(jobs, allocation, slots_per_slice=slots_per_slice, journal_path=journal,
                     hang_timeout_s=cfg.hang_timeout_s, max_retries=cfg.max_retries, poll_interval_s=1.0,
                     progress=ProgressReporter(), base_port=cfg.base_port)
 
@@ -91,7 +92,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
         steps = cfg.base_steps or train_cfg.train_steps
         job = _train_job(cfg, "base", out / "base", [f"train_steps={steps}", f"tb_dir={tb_dir}", "tb_run_name=base"])
         log(f"base pretraining: {steps} steps on {all_slots} slot(s)")
-        result = _run(cfg, [job], journal=out / "journal-base.jsonl", slots_per_slice=all_slots)["base"]
+        result = _run(cfg, allocation, [job], journal=out / "journal-base.jsonl", slots_per_slice=all_slots)["base"]
         if result.state != "finished":
             raise RuntimeError(f"base pretraining failed: {result.reason} (see {job.log_path})")
         base = out / "base" / "checkpoints"
@@ -130,7 +131,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
         f"init_from={(cand_root / op.name / 'init').resolve()}", f"num_layers={num_layers + cfg.grow_layers}",
         f"train_steps={decision}", f"eval_interval={cfg.eval_interval}", f"save_interval={cfg.lag_steps}",
         "keep_checkpoints=1", f"tb_dir={tb_dir}", f"tb_run_name={op.name}"]) for op in ops]
-    results = _run(cfg, jobs, journal=out / "journal-candidates.jsonl", slots_per_slice=cfg.slots_per_slice)
+    results = _run(cfg, allocation, jobs, journal=out / "journal-candidates.jsonl", slots_per_slice=cfg.slots_per_slice)
 
     # 5. selection
     curves, failed = {}, {}
@@ -161,7 +162,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
         f"init_from={promoted_init.resolve()}", f"num_layers={num_layers + cfg.grow_layers}",
         f"train_steps={cfg.total_steps}", f"tb_dir={tb_dir}", f"tb_run_name=promoted-{selection.winner}"])
     log(f"promoting {selection.winner}: step {decision} -> {cfg.total_steps} on {all_slots} slot(s)")
-    result = _run(cfg, [promoted], journal=out / "journal-promoted.jsonl", slots_per_slice=all_slots)["promoted"]
+    result = _run(cfg, allocation, [promoted], journal=out / "journal-promoted.jsonl", slots_per_slice=all_slots)["promoted"]
     if result.state != "finished":
         raise RuntimeError(f"promoted run failed: {result.reason} (see {promoted.log_path})")
     final = load_curve(promoted.metrics_path, name="promoted")

@@ -72,8 +72,9 @@ def checkpoint_num_layers(ckpt_dir: Path, tag: str, *, universal: bool) -> int:
         from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
         names = list(load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt")["module"])
-    layers = {int(m.group(1)) for n in names if (m := re.match(r"^decoder\.layers\.(\d+)\.", n))}
-    return len(layers)
+    from lag_ds.checkpoint.megatron_layout import split_layer_name
+
+    return len({split[0] for n in names if (split := split_layer_name(n))})
 
 
 def write_pointer(path: Path, text: str) -> None:
