@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import BIN, REPO, deepspeed_env
+
 from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
 from lag_ds.checkpoint.megatron_layout import merge_tp, split_layer_name, tp_rule
 from lag_ds.growth import parse_operator, plan_growth
@@ -235,7 +235,7 @@ def test_zero0_grow_and_reshard_to_tp2(sources, tmp_path):
 
 
 def _val_at(run_dir: Path, step: int) -> float:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return next(r["val/loss"] for r in rows if r["step"] == step and "val/loss" in r)
 
 

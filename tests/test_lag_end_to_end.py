@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, deepspeed_env
 
 BASE_STEPS, LAG, TOTAL = 6, 4, 14
@@ -72,7 +71,7 @@ def test_selection_matches_the_candidates_curves(lag_run):
 
 
 def test_candidates_ran_two_at_a_time_on_their_own_slices_and_ports(lag_run):
-    records = [json.loads(l) for l in (lag_run["out"] / "journal-candidates.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (lag_run["out"] / "journal-candidates.jsonl").read_text().splitlines()]
     events = sorted((r["time"], +1 if r["state"] == "running" else -1) for r in records
                     if r["state"] in ("running", "finished", "failed"))
     live = peak = 0

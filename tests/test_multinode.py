@@ -26,8 +26,8 @@ from pathlib import Path
 import netns_hosts as nh
 import pytest
 import yaml
-
 from conftest import BIN, REPO, deepspeed_env
+
 from lag_ds.launch import Allocation, JobSpec, Journal, run_jobs
 
 pytestmark = pytest.mark.slow

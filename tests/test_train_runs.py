@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import BIN, REPO, deepspeed_env
+
 from lag_ds.train.distributed import free_port
 
 TINY = REPO / "launch_scripts/configs/tiny_base.yaml"

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from lag_ds.checkpoint.megatron_layout import TpRule, detect_glu, merge_tp, split_layer_name, tp_rule
+from lag_ds.checkpoint.megatron_layout import (
+    TpRule,
+    detect_glu,
+    merge_tp,
+    split_layer_name,
+    tp_rule,
+)
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
