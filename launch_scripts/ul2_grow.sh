@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+''':'
 # LAG for UL2 pretraining, end to end, through the deepspeed launcher:
 #   base checkpoint -> grow with every operator of a design space -> candidate k-step jobs run
 #   concurrently on slices of the allocation -> LAG@k selection -> the winner continues training.
@@ -12,6 +13,15 @@
 #   GROW_LAYERS=4 SPACE=paper LAG_STEPS=2000 EVAL_INTERVAL=100 TOTAL_STEPS=400000 \
 #   HOSTFILE=/path/to/hostfile SLOTS_PER_SLICE=8 HANG_TIMEOUT=1800 launch_scripts/ul2_grow.sh
 # (HANG_TIMEOUT must cover loading the checkpoint and the first validation before a job logs anything.)
+#
+# Two ways to start it, with the same knobs:
+#   launch_scripts/ul2_grow.sh          # allocation: ALLOCATION, HOSTFILE, the SLURM job, or NUM_SLOTS here
+#   deepspeed [--num_gpus N | --num_nodes N | --include/--exclude ... | --hostfile HF] launch_scripts/ul2_grow.sh
+# Under the deepspeed runner, the runner's resource flags define the allocation. The runner hands
+# this file to Python on every rank; the Python tail at the bottom makes rank 0 re-run it with bash
+# (ALLOCATION = the resources the runner resolved) and the other ranks exit 0 at once
+# (lag_ds/launch/script_entry.py). This file is a bash/Python polyglot: keep the shell part free
+# of three single quotes in a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +41,9 @@ TOTAL_STEPS=${TOTAL_STEPS:-440}
 SLOTS_PER_SLICE=${SLOTS_PER_SLICE:-1}
 HANG_TIMEOUT=${HANG_TIMEOUT:-300}
 MAX_RETRIES=${MAX_RETRIES:-0}
-if [ -n "${HOSTFILE:-}" ]; then
+if [ -n "${ALLOCATION:-}" ]; then
+  :                                   # local:N | hostfile:PATH | include:HOST:IDS[@...] | slurm
+elif [ -n "${HOSTFILE:-}" ]; then
   ALLOCATION="hostfile:$HOSTFILE"
 elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   ALLOCATION=slurm
@@ -46,3 +58,14 @@ args=(--out-dir "$OUT_DIR" --train-config "$TRAIN_CONFIG" --grow-layers "$GROW_L
 if [ -n "$BASE_CKPT" ]; then args+=(--base-checkpoint "$BASE_CKPT"); else args+=(--base-steps "$BASE_STEPS"); fi
 
 exec "$PYTHON" -m lag_ds.stacking "${args[@]}" "$@"
+: <<'PYTHON_TAIL'
+'''
+# Python tail, run on every rank by `deepspeed launch_scripts/ul2_grow.sh` (see the header);
+# bash never gets here (exec above) and reads it as a here-document.
+import sys  # noqa: E402
+
+from lag_ds.launch.script_entry import main  # noqa: E402
+
+sys.exit(main(__file__, sys.argv[1:]))  # the name below ends the here-document for bash
+PYTHON_TAIL
+

@@ -16,21 +16,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, deepspeed_env
+from conftest import BIN, REPO, deepspeed_env
 
 BASE_STEPS, LAG, TOTAL = 6, 4, 14
 SPACE = "starts0=0,1;blocks=1;inits=duplicate,random"
 
 
-def lag_cmd(out: Path, train_config: Path) -> list[str]:
-    return [sys.executable, "-m", "lag_ds.stacking", "--out-dir", str(out), "--train-config", str(train_config),
-            "--base-steps", str(BASE_STEPS), "--grow-layers", "1", "--space", SPACE, "--lag-steps", str(LAG),
-            "--eval-interval", "2", "--total-steps", str(TOTAL), "--allocation", "local:2",
-            "--slots-per-slice", "1", "--hang-timeout-s", "240", "--base-port", "29700"]
+def script_env(out: Path, train_config: Path) -> dict[str, str]:
+    """The knobs of launch_scripts/ul2_grow.sh for this tiny run."""
+    env = deepspeed_env()
+    env.update(PYTHON=sys.executable, OUT_DIR=str(out), TRAIN_CONFIG=str(train_config),
+               BASE_STEPS=str(BASE_STEPS), GROW_LAYERS="1", SPACE=SPACE, LAG_STEPS=str(LAG),
+               EVAL_INTERVAL="2", TOTAL_STEPS=str(TOTAL), SLOTS_PER_SLICE="1", HANG_TIMEOUT="240")
+    return env
 
 
 @pytest.fixture(scope="module")
 def lag_run(tmp_path_factory):
+    """The user's own command: `deepspeed --num_gpus 2 launch_scripts/ul2_grow.sh` (2 local
+    slots; DeepSpeed's CPU accelerator would count 1 without --num_gpus)."""
     root = tmp_path_factory.mktemp("lag")
     cfg = yaml.safe_load((REPO / "launch_scripts/configs/tiny_base.yaml").read_text())
     cfg.update(cache_dir=str(root / "cache"), ds_config=str(REPO / "ds_configs/cpu_zero2.json"),
@@ -38,10 +42,12 @@ def lag_run(tmp_path_factory):
     train_config = root / "tiny.yaml"
     train_config.write_text(yaml.safe_dump(cfg))
     out = root / "out"
-    proc = subprocess.run(lag_cmd(out, train_config), cwd=REPO, env=deepspeed_env(), capture_output=True,
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29690",
+           "launch_scripts/ul2_grow.sh", "--base-port", "29700"]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(out, train_config), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"out": out, "train_config": train_config, "stdout": proc.stdout}
+    return {"out": out, "train_config": train_config, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def metrics(path: Path) -> list[dict]:
@@ -138,7 +144,10 @@ def test_rerun_resumes_without_rerunning_anything(lag_run):
     before = journal.read_text().count('"running"')
     mtimes = {p: p.stat().st_mtime for p in (out / "candidates").glob("*/run/metrics.jsonl")}
     winner = json.loads((out / "selection.json").read_text())["winner"]
-    proc = subprocess.run(lag_cmd(out, lag_run["train_config"]), cwd=REPO, env=deepspeed_env(),
+    # Re-run directly with bash (NUM_SLOTS=2): the same slices, so the same run resumes.
+    env = script_env(out, lag_run["train_config"])
+    env["NUM_SLOTS"] = "2"
+    proc = subprocess.run(["launch_scripts/ul2_grow.sh", "--base-port", "29700"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert journal.read_text().count('"running"') == before  # no candidate launched again
@@ -158,3 +167,30 @@ def test_ul2_grow_sh_maps_environment_to_the_cli(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "x" / "base").exists()
     assert not (tmp_path / "x" / "candidates").exists()
+
+
+def test_deepspeed_runner_entry_orchestrates_once_with_the_runner_allocation(lag_run):
+    err, out = lag_run["stderr"], lag_run["out"]
+    assert err.count("[lag] started by the deepspeed launcher") == 1  # rank 0 only
+    assert "allocation include:localhost:0,1 (the other ranks exit)" in err
+    assert (lag_run["stdout"] + err).count("exits successfully") >= 2  # both ranks ended with 0
+    # One base job (DP=2 over both slots), not one per rank.
+    base_runs = [json.loads(line) for line in (out / "journal-base.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in base_runs].count("running") == 1
+    assert "DP=2" in (out / "base/launcher.log").read_text()
+
+
+def test_output_says_what_each_phase_does_and_how_long_it_took(lag_run):
+    err, stdout = lag_run["stderr"], lag_run["stdout"]
+    summary = json.loads((lag_run["out"] / "summary.json").read_text())
+    assert set(summary["phase_wall_s"]) == {"base", "candidates", "race", "promotion"}
+    assert all(v >= 0 for v in summary["phase_wall_s"].values())
+    line = next(x for x in stdout.splitlines() if x.startswith("wall time: "))
+    assert [p.split()[0] for p in line[len("wall time: "):].split("; ")[0].split(", ")] == [
+        "base", "candidates", "race", "promotion"]
+    assert f"[lag] base: pretraining {BASE_STEPS} steps on 2 slot(s)" in err
+    assert "[lag] race: 4 candidates x 4 steps on 2 slice(s) of 1 slot(s)" in err
+    assert "[lag] estimated: race ~" in err  # from the base run's measured speed
+    # The trainer's status lines reach the job's log (what the progress display shows).
+    log = (lag_run["out"] / "base/launcher.log").read_text()
+    assert "[lag_ds] data ready in " in log and " tokens, validation " in log

@@ -1,5 +1,6 @@
 """Supervision with the fake trainer: waves, ports, crash / hang / NaN, retries, progress."""
 
+import dataclasses
 import fcntl
 import io
 import json
@@ -13,12 +14,15 @@ import pytest
 from lag_ds.launch import (
     Allocation,
     Journal,
+    MetricsWatcher,
     ProgressReporter,
     ProgressRow,
     format_table,
     run_jobs,
 )
 from lag_ds.launch.process import group_members
+from lag_ds.launch.progress import describe_running, format_duration
+from lag_ds.launch.watch import last_status_line
 from lag_ds.select import load_curve, select_lag
 
 
@@ -164,8 +168,8 @@ def test_progress_lines_and_table(tmp_path, journal_path):
             ProgressRow(name="rand", state="failed", attempt=2, reason="exit code 1")]
     table = format_table(rows)
     assert table[0] == "candidates: 1 running, 1 failed"
-    assert table[2].split() == ["dup_last", "running", "1", "40", "300040", "2.5000"]
-    assert table[3].split() == ["rand", "failed", "2", "-", "-", "-", "exit", "code", "1"]
+    assert table[2].split() == ["dup_last", "running", "1", "40", "300040", "2.5000", "-"]
+    assert table[3].split() == ["rand", "failed", "2", "-", "-", "-", "-", "exit", "code", "1"]
     tty = io.StringIO()
     rep = ProgressReporter(tty, tty=True, min_interval_s=0)
     rep.update(rows)
@@ -218,9 +222,51 @@ def test_non_tty_heartbeat_repeats_running_jobs_only():
     lines = out.getvalue().splitlines()
     assert sum("a: running" in line for line in lines) == 2  # repeated as a heartbeat
     assert sum("b: finished" in line for line in lines) == 1  # unchanged non-running state: once
-    assert "step 13 val/loss 2.0000" in lines[-1]
+    assert "a: running attempt 1 step 13 val/loss 2.0000" in lines[-2]
+    assert lines[-1].endswith("] 1 running, 1 finished")  # the phase's counts
     quiet = io.StringIO()
     rep = ProgressReporter(quiet, tty=False, heartbeat_s=3600)
     rep.update(rows)
     rep.update(rows)
     assert quiet.getvalue().count("a: running") == 1
+
+
+def test_running_line_says_step_of_total_losses_speed_and_eta_or_the_status_line():
+    row = ProgressRow(name="base", state="running", attempt=1, steps_done=120, last_step=120,
+                      total_step=300, train_loss=5.1234, last_val_loss=5.08, tokens_per_s=4800.4,
+                      eta_s=70)
+    assert describe_running(row) == ("step 120/300 (40%) loss 5.1234 val/loss 5.0800 "
+                                     "4,800 tok/s ETA 1m10s")
+    starting = ProgressRow(name="base", state="running", attempt=1, status="preparing data")
+    assert describe_running(starting) == "starting: preparing data"
+    assert format_table([starting])[2].split()[-3:] == ["starting:", "preparing", "data"]
+    assert [format_duration(s) for s in (None, 5, 75, 3725)] == ["?", "5s", "1m15s", "1h02m"]
+
+
+def test_status_line_is_the_newest_prefixed_line_of_the_log(tmp_path):
+    log = tmp_path / "launcher.log"
+    assert last_status_line(log, "[x]") is None  # no log yet
+    log.write_text("noise\n[x] preparing data\n[INFO] deepspeed\r 10%|#  |\r[x] loading ckpt\r"
+                   "50%|\n")
+    assert last_status_line(log, "[x]") == "loading ckpt"
+
+
+def test_watcher_measures_speed_from_wall_time_and_phase_eta_counts_waves(tmp_path, journal_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 10, "wall_time": 100.0, "val/loss": 3.0},
+        {"step": 11, "wall_time": 101.0, "train/loss": 2.9, "train/tokens_per_s": 512.0},
+        {"step": 15, "wall_time": 103.0, "train/loss": 2.5}]))
+    w = MetricsWatcher(path)
+    w.poll()
+    assert w.steps_per_s == pytest.approx(2.0) and w.last_train_loss == 2.5
+    assert w.last_tokens_per_s == 512.0 and w.last_val_step == 10
+    # A real run: 3 jobs of 4 steps, 1 slot -> the ETA shown drops to 0 and the output shows
+    # step/total for the running job.
+    out = io.StringIO()
+    jobs = [dataclasses.replace(ft.job(tmp_path, n, steps=4, sleep_per_step=0.3), total_steps=4)
+            for n in "abc"]
+    _run(jobs, journal_path, num_slots=1,
+         progress=ProgressReporter(out, tty=False, heartbeat_s=0.0))
+    text = out.getvalue()
+    assert "/4 (" in text and "ETA " in text and "all done in ~" in text

@@ -165,3 +165,46 @@ def test_one_job_spans_both_hosts(hosts, hostfile, tiny_config, workdir):
     assert sorted(across) == sorted(here) == list(range(1, STEPS + 1))
     for step in here:
         assert across[step] == pytest.approx(here[step], rel=1e-4), step
+
+
+def test_ul2_grow_sh_under_the_deepspeed_runner_with_a_hostfile(hosts, hostfile, tiny_config,
+                                                                 workdir):
+    """The user's command on a two-node allocation: `deepspeed --hostfile HF ul2_grow.sh`.
+
+    The runner starts the script on both hosts through pdsh; rank 0 (on the first host)
+    orchestrates with the allocation the runner resolved, the other rank exits.  Knobs travel
+    the DeepSpeed way, in a `--venv_script` sourced on every host (pdsh forwards no other
+    variables).  Base and promotion span both hosts; the two candidates run one per host.
+    """
+    import sys
+
+    root = workdir / "ul2_grow"
+    root.mkdir()
+    out = root / "out"
+    knobs = {"OUT_DIR": out, "TRAIN_CONFIG": tiny_config, "BASE_STEPS": STEPS, "GROW_LAYERS": 1,
+             "SPACE": "starts0=1;blocks=1;inits=duplicate,random", "LAG_STEPS": 2,
+             "EVAL_INTERVAL": 2, "TOTAL_STEPS": STEPS + 4, "SLOTS_PER_SLICE": 1,
+             "HANG_TIMEOUT": 200, "GLOO_SOCKET_IFNAME": nh.IFNAME, "OMP_NUM_THREADS": 1}
+    venv_script = root / "knobs.sh"
+    venv_script.write_text("".join(f"export {k}='{v}'\n" for k, v in knobs.items()))
+    cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--master_addr",
+           hosts.addresses[0], "--venv_script", str(venv_script),
+           str(REPO / "launch_scripts/ul2_grow.sh"), "--base-port", "29800"]
+    env = deepspeed_env()
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    a1, a2 = hosts.addresses
+    assert f"allocation include:{a1}:0@{a2}:0" in proc.stdout + proc.stderr
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["extra"]["config"]["allocation"] == f"include:{a1}:0@{a2}:0"
+    timing = spans(out / "journal-candidates.jsonl")
+    (s0, e0, inc0), (s1, e1, inc1) = timing.values()
+    assert s0 < e1 and s1 < e0, f"the candidates did not overlap: {timing}"
+    assert {inc0, inc1} == {f"{a1}:0", f"{a2}:0"}
+    for phase in ("base", "promoted"):
+        ((_, _, include),) = spans(out / f"journal-{phase}.jsonl").values()
+        assert include == f"{a1}:0@{a2}:0", phase
+    promoted = [json.loads(line) for line in
+                (out / "promoted/run/metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in promoted) == STEPS + 4

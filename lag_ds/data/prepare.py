@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from lag_ds.data.cache import atomic_write_text, file_lock, hash_files, hash_json, temp_path
 from lag_ds.data.corpus import iter_documents, resolve_source, source_fingerprint
-from lag_ds.data.indexed import build_split_datasets, load_indexed_dataset
+from lag_ds.data.indexed import build_split_datasets, default_dtype, load_indexed_dataset
 from lag_ds.data.tokenizer import SpmTrainConfig, Ul2Tokenizer
 
 if TYPE_CHECKING:
@@ -98,6 +100,22 @@ class PreparedData:
 
     def valid_dataset(self) -> "IndexedDataset":
         return load_indexed_dataset(self.valid_prefix)
+
+    def describe(self) -> str:
+        """One line with the sizes a user wants to see at start-up (cheap: file sizes only)."""
+        vocab = self.tokenizer().vocab_size
+
+        def tokens(prefix: Path) -> int:  # .bin holds nothing but the token ids
+            itemsize = np.dtype(default_dtype(vocab)).itemsize
+            return prefix.with_suffix(".bin").stat().st_size // itemsize
+
+        meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
+        source = Path(str(meta.get("source", "")))
+        size = (f" ({source.stat().st_size / 1e6:.1f} MB)" if source.is_file() else "")
+        return (f"corpus {source.name or meta.get('source')}{size}, tokenizer vocab "
+                f"{vocab:,}, train {self.num_train_documents:,} documents "
+                f"/ {tokens(self.train_prefix):,} tokens, validation "
+                f"{self.num_valid_documents:,} documents / {tokens(self.valid_prefix):,} tokens")
 
 
 def _load_meta(directory: Path) -> PreparedData | None:

@@ -41,12 +41,26 @@ class Host:
 
     name: str
     slots: int
+    slot_ids: tuple[int, ...] | None = None
+    """The slots' device ids when they are not ``0..slots-1`` (e.g. a DeepSpeed launch with
+    ``--include host:2,3`` or ``--exclude host:0``); None means ``0..slots-1``."""
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() or c in ",:@" for c in self.name):
             raise ValueError(f"Host: invalid host name {self.name!r}")
         if self.slots < 1:
             raise ValueError(f"Host {self.name!r}: slots must be >= 1, got {self.slots}")
+        if self.slot_ids is not None:
+            ids = tuple(int(i) for i in self.slot_ids)
+            if len(ids) != self.slots or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError(f"Host {self.name!r}: slot_ids {list(ids)} must be {self.slots} "
+                                 "distinct non-negative ids")
+            object.__setattr__(self, "slot_ids", tuple(sorted(ids)))
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Device ids of this host's slots, ascending."""
+        return self.slot_ids if self.slot_ids is not None else tuple(range(self.slots))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,9 +168,27 @@ class Allocation:
 
     # ---- output -------------------------------------------------------------------------------
 
+    @classmethod
+    def from_include(cls, spec: str) -> "Allocation":
+        """Parse DeepSpeed's ``--include`` syntax, ``host1:0,1@host2:2,3``, keeping the ids."""
+        hosts: list[Host] = []
+        for part in spec.split("@"):
+            name, sep, ids = part.partition(":")
+            if not sep or not ids:
+                raise ValueError(f"Allocation.from_include: expected host:id,id,... in {spec!r}, "
+                                 f"got {part!r}")
+            try:
+                slot_ids = tuple(int(i) for i in ids.split(","))
+            except ValueError:
+                raise ValueError(f"Allocation.from_include: slot ids must be integers in "
+                                 f"{part!r}") from None
+            hosts.append(Host(name=name, slots=len(slot_ids), slot_ids=slot_ids))
+        return cls(tuple(hosts))
+
     def hostfile_text(self) -> str:
-        """This allocation as a DeepSpeed hostfile."""
-        return "".join(f"{h.name} slots={h.slots}\n" for h in self.hosts)
+        """This allocation as a DeepSpeed hostfile (``slots`` covers the highest slot id; the
+        jobs' ``--include`` names the ids they use)."""
+        return "".join(f"{h.name} slots={max(h.ids) + 1}\n" for h in self.hosts)
 
     def split(self, slots_per_slice: int) -> list[Slice]:
         """Cut into equal slices of ``slots_per_slice`` slots (see the module docstring)."""
@@ -174,7 +206,7 @@ class Allocation:
                         f"{[h.name for h in pending]} hold {gathered} slots, and a slice larger "
                         "than a host must be made of whole hosts")
                 if gathered == slots_per_slice:
-                    parts = tuple((h.name, tuple(range(h.slots))) for h in pending)
+                    parts = tuple((h.name, h.ids) for h in pending)
                     slices.append(Slice(index=len(slices), parts=parts))
                     pending = []
                 continue
@@ -183,7 +215,7 @@ class Allocation:
                     f"split: host {host.name!r} has {host.slots} slots, not a multiple of "
                     f"{slots_per_slice}; {host.slots % slots_per_slice} slots would sit idle")
             for start in range(0, host.slots, slots_per_slice):
-                slots = tuple(range(start, start + slots_per_slice))
+                slots = host.ids[start:start + slots_per_slice]
                 slices.append(Slice(index=len(slices), parts=((host.name, slots),)))
         if pending:
             raise ValueError(

@@ -73,6 +73,12 @@ class JobSpec:
     """Variables added to the orchestrator's environment (forwarded to remote hosts too)."""
     module: bool = False
     """Run ``script`` as ``python -m script``."""
+    total_steps: int | None = None
+    """The step the job ends at, if it has one: the progress display shows "step/total" and
+    an ETA from the job's measured speed."""
+    status_prefix: str | None = None
+    """Lines of the job's output starting with this prefix are status lines ("preparing
+    data ..."); the progress display shows the newest one until the job logs its first step."""
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "._-" for c in self.name):

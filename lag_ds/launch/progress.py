@@ -35,10 +35,56 @@ class ProgressRow:
     last_step: int | None = None
     last_val_loss: float | None = None
     reason: str = ""
+    total_step: int | None = None
+    """The step the job ends at (``JobSpec.total_steps``), for "step/total" and the ETA."""
+    train_loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    """Seconds until the job reaches ``total_step`` at its measured speed."""
+    status: str = ""
+    """The job's newest status line (e.g. "preparing data"), shown until steps are logged."""
 
 
 def _fmt_loss(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``75 -> '1m15s'``, ``3725 -> '1h02m'``; '?' when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _fmt_step(r: ProgressRow) -> str:
+    if r.last_step is None:
+        return "-"
+    return str(r.last_step) if r.total_step is None else f"{r.last_step}/{r.total_step}"
+
+
+def describe_running(r: ProgressRow) -> str:
+    """One line of what a running job is doing: its step, losses, speed and ETA, or its latest
+    status line while it has not logged a step yet."""
+    if r.last_step is None:
+        return f"starting: {r.status}" if r.status else "starting"
+    parts = [f"step {_fmt_step(r)}"]
+    if r.total_step:
+        parts[0] += f" ({100 * r.last_step / r.total_step:.0f}%)" if r.last_step <= r.total_step \
+            else ""
+    if r.train_loss is not None:
+        parts.append(f"loss {r.train_loss:.4f}")
+    if r.last_val_loss is not None:
+        parts.append(f"val/loss {r.last_val_loss:.4f}")
+    if r.tokens_per_s is not None:
+        parts.append(f"{r.tokens_per_s:,.0f} tok/s")
+    if r.eta_s is not None:
+        parts.append(f"ETA {format_duration(r.eta_s)}")
+    return " ".join(parts)
 
 
 def format_table(rows: Sequence[ProgressRow]) -> list[str]:
@@ -47,12 +93,14 @@ def format_table(rows: Sequence[ProgressRow]) -> list[str]:
     header = "candidates: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     width = max([len("candidate")] + [len(r.name) for r in rows])
     lines = [header, f"{'candidate':<{width}}  {'state':<8}  try  {'steps':>7}  "
-                     f"{'step':>9}  {'val loss':>8}  reason"]
+                     f"{'step':>13}  {'val loss':>8}  {'ETA':>6}  reason"]
     for r in rows:
         steps = "-" if r.steps_done is None else str(r.steps_done)
-        step = "-" if r.last_step is None else str(r.last_step)
-        lines.append(f"{r.name:<{width}}  {r.state:<8}  {r.attempt:>3}  {steps:>7}  {step:>9}  "
-                     f"{_fmt_loss(r.last_val_loss):>8}  {r.reason}")
+        eta = format_duration(r.eta_s) if r.eta_s is not None else "-"
+        why = r.reason or (f"starting: {r.status}" if r.state == "running" and r.last_step is None
+                           and r.status else "")
+        lines.append(f"{r.name:<{width}}  {r.state:<8}  {r.attempt:>3}  {steps:>7}  "
+                     f"{_fmt_step(r):>13}  {_fmt_loss(r.last_val_loss):>8}  {eta:>6}  {why}")
     return lines
 
 
@@ -71,13 +119,17 @@ class ProgressReporter:
         self._last_draw = 0.0
         self._last_state: dict[str, tuple[str, int, str]] = {}
 
-    def update(self, rows: Sequence[ProgressRow], *, force: bool = False) -> None:
-        """Show ``rows``; on a TTY at most every ``min_interval_s`` unless ``force``."""
+    def update(self, rows: Sequence[ProgressRow], *, force: bool = False,
+               phase_eta_s: float | None = None) -> None:
+        """Show ``rows``; on a TTY at most every ``min_interval_s`` unless ``force``.
+        ``phase_eta_s``: the supervisor's estimate for all of its jobs, shown in the header."""
         if self.tty:
             now = time.monotonic()
             if not force and now - self._last_draw < self.min_interval_s:
                 return
             lines = format_table(rows)
+            if phase_eta_s is not None:
+                lines[0] += f"; all done in ~{format_duration(phase_eta_s)}"
             if self._drawn_lines:
                 self.stream.write(f"\x1b[{self._drawn_lines}F\x1b[J")
             self.stream.write("\n".join(lines) + "\n")
@@ -93,10 +145,13 @@ class ProgressReporter:
                 if self._last_state.get(r.name) == key and not (heartbeat and r.state == "running"):
                     continue
                 self._last_state[r.name] = key
-                detail = f" step {r.last_step}" if r.last_step is not None else ""
-                if r.last_val_loss is not None:
-                    detail += f" val/loss {r.last_val_loss:.4f}"
+                detail = f" {describe_running(r)}" if r.state == "running" else ""
                 why = f" ({r.reason})" if r.reason else ""
                 self.stream.write(f"[{stamp}] {r.name}: {r.state} attempt {r.attempt}"
                                   f"{detail}{why}\n")
+            if heartbeat and len(rows) > 1 and any(r.state == "running" for r in rows):
+                counts = {s: sum(r.state == s for r in rows) for s in DISPLAY_STATES}
+                eta = f"; all done in ~{format_duration(phase_eta_s)}" if phase_eta_s else ""
+                self.stream.write(f"[{stamp}] " + ", ".join(
+                    f"{n} {s}" for s, n in counts.items() if n) + eta + "\n")
         self.stream.flush()

@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import os
 import signal
@@ -67,7 +68,7 @@ from lag_ds.launch.process import (
     spawn,
 )
 from lag_ds.launch.progress import ProgressReporter, ProgressRow
-from lag_ds.launch.watch import MetricsWatcher
+from lag_ds.launch.watch import MetricsWatcher, last_status_line
 
 NON_FINITE_EXIT_CODE = 3
 
@@ -97,6 +98,14 @@ class _Active:
     stop_reason: str | None = None
     stop_retryable: bool = False
     kill_at: float | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def eta_s(self) -> float | None:
+        """Seconds to the job's ``total_steps`` at its measured speed."""
+        w, total = self.watcher, self.job.total_steps
+        if total is None or w.last_step is None or w.steps_per_s is None:
+            return None
+        return max(0.0, (total - w.last_step) / w.steps_per_s)
 
 
 @contextmanager
@@ -137,6 +146,7 @@ class _Supervisor:
         self.active: list[_Active] = []
         self.free: list[Slice] = list(slices)
         self.results: dict[str, JobResult] = {}
+        self.durations: list[float] = []  # wall seconds of jobs that finished under our watch
 
     # ---- resume -------------------------------------------------------------------------------
 
@@ -281,6 +291,8 @@ class _Supervisor:
     def _ended(self, a: _Active) -> None:
         kill_leftovers(a.handle.pgid, started_since=a.handle.start_ticks)
         self.active.remove(a)
+        if a.stop_reason is None:
+            self.durations.append(time.monotonic() - a.started)
         self.free.append(a.slice_)
         self.free.sort(key=lambda s: s.index)
         code = read_exit_code(a.job.exit_path)
@@ -317,14 +329,35 @@ class _Supervisor:
                 a = active[name]
                 w = a.watcher
                 done = None if w.first_step is None else w.last_step - w.first_step
+                status = ""
+                if w.last_step is None and a.job.status_prefix:
+                    status = last_status_line(a.job.log_path, a.job.status_prefix) or ""
                 rows.append(ProgressRow(
                     name=name, state="stopping" if a.stop_reason else "running", attempt=attempt,
                     steps_done=done, last_step=w.last_step, last_val_loss=w.last_val_loss,
-                    reason=a.stop_reason or ""))
+                    reason=a.stop_reason or "", total_step=a.job.total_steps,
+                    train_loss=w.last_train_loss, tokens_per_s=w.last_tokens_per_s,
+                    eta_s=a.eta_s(), status=status))
             else:
                 rows.append(ProgressRow(name=name, state="waiting", attempt=attempt,
                                         reason=self.waiting_reason.get(name, "")))
         return rows
+
+    def phase_eta_s(self) -> float | None:
+        """Seconds until every job has ended, if the jobs keep their measured pace: the running
+        jobs' remaining time, then the queue in waves of ``len(slices)`` jobs, each lasting as
+        long as the finished ones did (start-up included); None while nothing is measured."""
+        now = time.monotonic()
+        remaining = [a.eta_s() for a in self.active]
+        durations = list(self.durations) or [now - a.started + r for a, r in
+                                             zip(self.active, remaining) if r is not None]
+        if not durations:
+            return None
+        per_job = sum(durations) / len(durations)
+        running = [r if r is not None else max(0.0, per_job - (now - a.started))
+                   for a, r in zip(self.active, remaining)]
+        waves = -(-len(self.queue) // len(self.slices))
+        return max(running, default=0.0) + waves * per_job
 
     def run(self) -> dict[str, JobResult]:
         shown: tuple = ()
@@ -337,7 +370,7 @@ class _Supervisor:
             if self.progress is not None:
                 rows = self._rows()
                 key = tuple((r.state, r.attempt) for r in rows)
-                self.progress.update(rows, force=key != shown)
+                self.progress.update(rows, force=key != shown, phase_eta_s=self.phase_eta_s())
                 shown = key
         return {name: self.results[name] for name in self.jobs}
 

@@ -10,7 +10,8 @@ It feeds three decisions (RELIABILITY item 7):
 * divergence -- a NaN/inf ``train/loss`` or ``val/loss*`` value stops the job at once, before it
   burns its remaining steps (the trainer itself exits 3 on a non-finite loss; this is the second
   line of defence for a trainer that does not);
-* display -- first/last step and the last ``val/loss``.
+* display -- first/last step, the last ``val/loss`` and ``train/loss``, tokens/s, and the
+  speed in steps/s (from the records' ``wall_time``) that the ETA is computed from.
 
 A complete line that is not a JSON object with an integer ``step`` raises ``ValueError`` naming
 ``file:line``: the selector would refuse the file later anyway, better to say so now.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 
@@ -50,8 +52,22 @@ class MetricsWatcher:
         self.first_step: int | None = None
         self.last_step: int | None = None
         self.last_val_loss: float | None = None
+        self.last_val_step: int | None = None
+        self.last_train_loss: float | None = None
+        self.last_tokens_per_s: float | None = None
         self.non_finite: tuple[int, str] | None = None
         """(step, tag) of the first non-finite loss seen."""
+        self._rate_origin: tuple[int, float] | None = None  # (step, wall time) of the 1st step
+        self._rate_last: tuple[int, float] | None = None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        """Training speed over the records seen (their ``wall_time``), None before two steps."""
+        if self._rate_origin is None or self._rate_last is None:
+            return None
+        steps = self._rate_last[0] - self._rate_origin[0]
+        seconds = self._rate_last[1] - self._rate_origin[1]
+        return steps / seconds if steps > 0 and seconds > 0 else None
 
     def poll(self) -> int:
         """Consume new complete lines; returns how many records were read.
@@ -106,3 +122,35 @@ class MetricsWatcher:
                 self.non_finite = (step, tag)
         if "val/loss" in record:
             self.last_val_loss = float(record["val/loss"])
+            self.last_val_step = step
+        if "train/loss" in record:
+            self.last_train_loss = float(record["train/loss"])
+            wall = record.get("wall_time")
+            wall = float(wall) if isinstance(wall, (int, float)) else time.time()
+            if self._rate_origin is None:
+                self._rate_origin = (step, wall)
+            self._rate_last = (step, wall)
+        tokens = record.get("train/tokens_per_s")
+        if isinstance(tokens, (int, float)) and not isinstance(tokens, bool):
+            self.last_tokens_per_s = float(tokens)
+
+
+def last_status_line(log_path: Path, prefix: str, *, max_bytes: int = 65536) -> str | None:
+    """The newest line of a job's output that starts with ``prefix`` (its own status lines,
+    e.g. "preparing data ..."), stripped of the prefix; None when there is none yet.
+
+    Only the last ``max_bytes`` are read, so this stays cheap on a long log; progress-bar
+    carriage returns are treated as line ends.
+    """
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.replace("\r", "\n").splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    return None

@@ -20,7 +20,7 @@ HELP = {
     "eval_interval": "candidates' validation interval",
     "smoothing_window": "trailing window (validation points) averaged for the decision",
     "total_steps": "absolute step the promoted winner trains to",
-    "allocation": "local:N | hostfile:PATH | slurm",
+    "allocation": "local:N | hostfile:PATH | slurm | include:HOST:IDS[@HOST:IDS] (DeepSpeed --include syntax)",
     "slots_per_slice": "slots per candidate job (candidates run concurrently on slices)",
     "optimizer_state": "Adam moments of duplicated layers: copy | zero",
     "seed": "seed of random-init layers",

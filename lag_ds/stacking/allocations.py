@@ -18,6 +18,9 @@ def parse_allocation(text: str) -> Allocation:
         if not arg:
             raise ValueError(f"allocation={text!r}: expected hostfile:<path>")
         return Allocation.from_hostfile(arg)
+    if kind == "include":
+        return Allocation.from_include(arg)
     if kind == "slurm":
         return Allocation.from_slurm(os.environ)
-    raise ValueError(f"allocation={text!r}: expected local:N, hostfile:PATH or slurm")
+    raise ValueError(f"allocation={text!r}: expected local:N, hostfile:PATH, "
+                     "include:HOST:IDS[@HOST:IDS] or slurm")

@@ -35,7 +35,9 @@ class LagRunConfig:
     total_steps: int = 500
     """Absolute step the promoted winner trains to (the paper: 400k)."""
     allocation: str = "local:2"
-    """``local:N`` (N slots here), ``hostfile:PATH`` (DeepSpeed hostfile) or ``slurm``."""
+    """``local:N`` (N slots here), ``hostfile:PATH`` (DeepSpeed hostfile), ``slurm``, or
+    ``include:host:0,1@host2:0,1`` (DeepSpeed's include syntax, device ids kept: what
+    ``deepspeed launch_scripts/ul2_grow.sh`` passes from the runner's resolved resources)."""
     slots_per_slice: int = 1
     """Slots per candidate job; candidates run concurrently on the slices, in waves if needed."""
     optimizer_state: str = "copy"

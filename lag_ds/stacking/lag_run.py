@@ -23,7 +23,11 @@ adapters); the launcher and selector know nothing of models.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,22 +39,86 @@ from lag_ds.checkpoint.universal_links import disk_usage, materialise_candidate
 from lag_ds.config import apply_overrides, load_yaml
 from lag_ds.growth import parse_space, plan_growth
 from lag_ds.launch import Allocation, JobSpec, ProgressReporter, run_jobs
-from lag_ds.select import load_curve, select_lag, write_selection_json
+from lag_ds.launch.progress import format_duration
+from lag_ds.select import load_curve, read_records, select_lag, write_selection_json
 from lag_ds.stacking.allocations import parse_allocation
 from lag_ds.stacking.config import LagRunConfig
 from lag_ds.train.config import TrainConfig
+from lag_ds.train.metrics import STATUS_PREFIX
 
 
 def log(msg: str) -> None:
     print(f"[lag] {msg}", file=sys.stderr, flush=True)
 
 
-def _train_job(cfg: LagRunConfig, name: str, run_dir: Path, sets: list[str]) -> JobSpec:
+# Variables of the orchestrator's environment every job gets, on every host: the
+# communication libraries' settings (e.g. GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on a cluster)
+# and the extension build cache.  DeepSpeed's pdsh runner forwards only NCCL*/PYTHON* by itself.
+FORWARDED_ENV_PREFIXES = ("GLOO_", "NCCL_", "TORCH_EXTENSIONS_DIR", "TP_SOCKET_IFNAME")
+
+
+def _train_job(cfg: LagRunConfig, name: str, run_dir: Path, sets: list[str], *,
+               total_steps: int) -> JobSpec:
     args = ["--config", str(Path(cfg.train_config).resolve())]
     for item in [*cfg.train_overrides, f"run_dir={run_dir.resolve()}", *sets]:
         args += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return JobSpec(name=name, script="lag_ds.train", module=True, args=args, run_dir=run_dir,
-                   env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                   env=env,
+                   total_steps=total_steps, status_prefix=STATUS_PREFIX)
+
+
+class PhaseClock:
+    """Wall time of each phase of the run, logged as it starts and ends, summed at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    @contextmanager
+    def phase(self, name: str, what: str) -> Iterator[None]:
+        log(f"{name}: {what}")
+        t0 = time.monotonic()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t0
+        log(f"{name}: done in {format_duration(self.seconds[name])}")
+
+    def table(self) -> str:
+        total = time.monotonic() - self._start
+        parts = [f"{name} {format_duration(sec)}" for name, sec in self.seconds.items()]
+        return "wall time: " + ", ".join(parts) + f"; total {format_duration(total)}"
+
+
+def _speed_of(metrics_path: Path) -> float | None:
+    """Seconds per step of a finished job, from its metrics' wall times (None if unknown)."""
+    if not metrics_path.exists():
+        return None
+    points = [(r["step"], r["wall_time"]) for r in read_records(metrics_path)
+              if "train/loss" in r and "wall_time" in r]
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return None
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def _estimate_rest(cfg: LagRunConfig, *, base_metrics: Path, base_wall_s: float | None,
+                   num_candidates: int, num_slices: int, base_steps_run: int,
+                   promoted_steps: int, all_slots: int) -> str | None:
+    """A rough ETA for race + promotion from the base run's measured speed and start-up time.
+
+    A candidate on a slice of s slots takes about (all slots / s) times the base's time per
+    step (the same global batch on fewer ranks), plus the same start-up cost."""
+    step_s = _speed_of(base_metrics)
+    if step_s is None or base_wall_s is None:
+        return None
+    startup = max(0.0, base_wall_s - base_steps_run * step_s)
+    waves = -(-num_candidates // num_slices)
+    race = waves * (startup + cfg.lag_steps * step_s * all_slots / cfg.slots_per_slice)
+    promotion = startup + promoted_steps * step_s
+    return (f"estimated: race ~{format_duration(race)} ({num_candidates} candidates x "
+            f"{cfg.lag_steps} steps in {waves} wave(s)), promotion ~{format_duration(promotion)} "
+            f"({promoted_steps} steps), from the base run's {step_s:.2f} s/step on {all_slots} "
+            f"slot(s) and {format_duration(startup)} start-up")
 
 
 def _run(cfg: LagRunConfig, allocation: Allocation, jobs: list[JobSpec], *, journal: Path,
@@ -84,18 +152,24 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     all_slots = allocation.num_slots
     tb_dir = (out / "tb").resolve()
     _check_topology(cfg, train_cfg, allocation)
+    clock = PhaseClock()
 
     # 1. base checkpoint
+    base_wall, base_steps_run = None, 0
     if cfg.base_checkpoint:
         base = Path(cfg.base_checkpoint)
     else:
         steps = cfg.base_steps or train_cfg.train_steps
-        job = _train_job(cfg, "base", out / "base", [f"train_steps={steps}", f"tb_dir={tb_dir}", "tb_run_name=base"])
-        log(f"base pretraining: {steps} steps on {all_slots} slot(s)")
-        result = _run(cfg, allocation, [job], journal=out / "journal-base.jsonl", slots_per_slice=all_slots)["base"]
+        job = _train_job(cfg, "base", out / "base", [f"train_steps={steps}", f"tb_dir={tb_dir}",
+                                                     "tb_run_name=base"], total_steps=steps)
+        with clock.phase("base", f"pretraining {steps} steps on {all_slots} slot(s) "
+                                 f"(log: {job.log_path})"):
+            result = _run(cfg, allocation, [job], journal=out / "journal-base.jsonl",
+                          slots_per_slice=all_slots)["base"]
         if result.state != "finished":
             raise RuntimeError(f"base pretraining failed: {result.reason} (see {job.log_path})")
         base = out / "base" / "checkpoints"
+        base_wall, base_steps_run = clock.seconds["base"], steps
     source = DeepSpeedCheckpoint(base)
     base_step, num_layers = source.global_steps, source.num_layers
     if source.zero_stage == 0:
@@ -103,35 +177,46 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     ops = parse_space(cfg.space, num_layers=num_layers, num_new_layers=cfg.grow_layers)
     if cfg.total_steps <= base_step + cfg.lag_steps:
         raise ValueError(f"--total-steps {cfg.total_steps} must exceed base step {base_step} + --lag-steps {cfg.lag_steps}")
+    num_slices = len(allocation.split(cfg.slots_per_slice))
     log(f"base: {num_layers} layers at step {base_step}; {len(ops)} candidates; LAG@{cfg.lag_steps}")
+    estimate = _estimate_rest(cfg, base_metrics=out / "base" / "metrics.jsonl", base_wall_s=base_wall,
+                              num_candidates=len(ops), num_slices=num_slices,
+                              base_steps_run=base_steps_run, all_slots=all_slots,
+                              promoted_steps=cfg.total_steps - base_step - cfg.lag_steps)
+    if estimate:
+        log(estimate)
 
-    # 2. base in universal layout, once
+    # 2. base in universal layout, once; 3. candidates (hard links to the base where possible)
     base_universal = out / "base_universal"
-    if not _complete(base_universal):
-        log("resharding the base into DeepSpeed's universal layout")
-        grow_deepspeed_checkpoint(base, base_universal, None, show_progress=False)
-    del source
-
-    # 3. candidates (hard links to the base where possible)
     cand_root = out / "candidates"
-    cand_root.mkdir(exist_ok=True)
-    for op in ops:
-        init = cand_root / op.name / "init"
-        if not _complete(init):
-            init.parent.mkdir(exist_ok=True)
-            materialise_candidate(base_universal, init, plan_growth(op, num_layers, seed=cfg.seed),
-                                  optimizer_state=cfg.optimizer_state)
-    usage = disk_usage([base_universal, *[cand_root / op.name / "init" for op in ops]])
-    log(f"candidates on disk: {usage['bytes_on_disk'] / 1e6:.1f} MB "
-        f"(would be {usage['bytes_if_copied'] / 1e6:.1f} MB as copies)")
+    with clock.phase("candidates", f"growing {len(ops)} candidate checkpoints "
+                                   f"({num_layers} -> {num_layers + cfg.grow_layers} layers)"):
+        if not _complete(base_universal):
+            log("resharding the base into DeepSpeed's universal layout")
+            grow_deepspeed_checkpoint(base, base_universal, None, show_progress=False)
+        del source
+        cand_root.mkdir(exist_ok=True)
+        for op in ops:
+            init = cand_root / op.name / "init"
+            if not _complete(init):
+                init.parent.mkdir(exist_ok=True)
+                materialise_candidate(base_universal, init, plan_growth(op, num_layers, seed=cfg.seed),
+                                      optimizer_state=cfg.optimizer_state)
+        usage = disk_usage([base_universal, *[cand_root / op.name / "init" for op in ops]])
+        log(f"candidates on disk: {usage['bytes_on_disk'] / 1e6:.1f} MB "
+            f"(would be {usage['bytes_if_copied'] / 1e6:.1f} MB as copies)")
 
     # 4. the race: k steps each, concurrently on slices
     decision = base_step + cfg.lag_steps
     jobs = [_train_job(cfg, op.name, cand_root / op.name / "run", [
         f"init_from={(cand_root / op.name / 'init').resolve()}", f"num_layers={num_layers + cfg.grow_layers}",
         f"train_steps={decision}", f"eval_interval={cfg.eval_interval}", f"save_interval={cfg.lag_steps}",
-        "keep_checkpoints=1", f"tb_dir={tb_dir}", f"tb_run_name={op.name}"]) for op in ops]
-    results = _run(cfg, allocation, jobs, journal=out / "journal-candidates.jsonl", slots_per_slice=cfg.slots_per_slice)
+        "keep_checkpoints=1", f"tb_dir={tb_dir}", f"tb_run_name={op.name}"], total_steps=decision)
+        for op in ops]
+    with clock.phase("race", f"{len(ops)} candidates x {cfg.lag_steps} steps on {num_slices} "
+                             f"slice(s) of {cfg.slots_per_slice} slot(s)"):
+        results = _run(cfg, allocation, jobs, journal=out / "journal-candidates.jsonl",
+                       slots_per_slice=cfg.slots_per_slice)
 
     # 5. selection
     curves, failed = {}, {}
@@ -154,23 +239,28 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     # 6. promotion: the winner's step-k checkpoint, resharded to the whole allocation
     winner_ckpt = cand_root / selection.winner / "run" / "checkpoints"
     promoted_init = out / "promoted" / "init"
-    if not _complete(promoted_init):
-        promoted_init.parent.mkdir(parents=True, exist_ok=True)
-        grow_deepspeed_checkpoint(winner_ckpt, promoted_init, None,
-                                  target_dp=all_slots // train_cfg.tensor_parallel, show_progress=False)
     promoted = _train_job(cfg, "promoted", out / "promoted" / "run", [
         f"init_from={promoted_init.resolve()}", f"num_layers={num_layers + cfg.grow_layers}",
-        f"train_steps={cfg.total_steps}", f"tb_dir={tb_dir}", f"tb_run_name=promoted-{selection.winner}"])
-    log(f"promoting {selection.winner}: step {decision} -> {cfg.total_steps} on {all_slots} slot(s)")
-    result = _run(cfg, allocation, [promoted], journal=out / "journal-promoted.jsonl", slots_per_slice=all_slots)["promoted"]
+        f"train_steps={cfg.total_steps}", f"tb_dir={tb_dir}", f"tb_run_name=promoted-{selection.winner}"],
+        total_steps=cfg.total_steps)
+    with clock.phase("promotion", f"{selection.winner}: step {decision} -> {cfg.total_steps} on "
+                                  f"{all_slots} slot(s)"):
+        if not _complete(promoted_init):
+            promoted_init.parent.mkdir(parents=True, exist_ok=True)
+            grow_deepspeed_checkpoint(winner_ckpt, promoted_init, None,
+                                      target_dp=all_slots // train_cfg.tensor_parallel, show_progress=False)
+        result = _run(cfg, allocation, [promoted], journal=out / "journal-promoted.jsonl",
+                      slots_per_slice=all_slots)["promoted"]
     if result.state != "finished":
         raise RuntimeError(f"promoted run failed: {result.reason} (see {promoted.log_path})")
     final = load_curve(promoted.metrics_path, name="promoted")
     summary = {"winner": selection.winner, "lag0_winner": selection.lag0_winner, "decision_step": decision,
                "final_step": int(final.steps[-1]), "final_val_loss": float(final.values[-1]),
-               "selection": str((out / "selection.json").resolve()), "tensorboard": str(tb_dir)}
+               "selection": str((out / "selection.json").resolve()), "tensorboard": str(tb_dir),
+               "phase_wall_s": {k: round(v, 1) for k, v in clock.seconds.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(selection, failed, summary))
+    print(clock.table())
     return summary
 
 

@@ -79,6 +79,15 @@ class TrainConfig:
     train_steps: int = 100
     """Absolute global step at which training stops (a resumed run continues up to it)."""
     eval_interval: int = 50
+    """Validate when the global step is a multiple of this (and at the first and last step)."""
+    eval_dense_until: int | None = None
+    """Validate every ``eval_dense_interval`` steps up to this global step too: the paper reads
+    candidates' curves step by step right after growing (LAG study runs set it to growth + E)."""
+    eval_dense_interval: int = 1
+    growth_step: int | None = None
+    """Global step at which this model was grown (a LAG candidate or promoted run): validation
+    is also logged to TensorBoard as ``val_since_growth/loss`` against steps since growing, so
+    candidates' curves overlay from 0 instead of sitting at the end of the base run's axis."""
     eval_samples: int = 64
     log_interval: int = 1
     save_interval: int = 50
@@ -99,7 +108,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "train_steps", "eval_interval",
-                     "log_interval", "save_interval", "keep_checkpoints", "tensor_parallel", "eval_samples"):
+                     "log_interval", "save_interval", "keep_checkpoints", "tensor_parallel", "eval_samples",
+                     "eval_dense_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:

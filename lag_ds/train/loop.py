@@ -34,7 +34,7 @@ from lag_ds.train.config import TrainConfig
 from lag_ds.train.distributed import init_distributed
 from lag_ds.train.engine import initialize_engine
 from lag_ds.train.evaluate import validation_loss
-from lag_ds.train.metrics import MetricLogger
+from lag_ds.train.metrics import STATUS_PREFIX, MetricLogger
 
 EXIT_NON_FINITE = 3
 
@@ -53,7 +53,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
+    say = _status(rank == 0)
+    say(f"preparing data (corpus, tokenizer, indexed files) under {cfg.cache_dir}")
+    t0 = time.perf_counter()
     data = prepare_data(cfg.data, Path(cfg.cache_dir))
+    say(f"data ready in {time.perf_counter() - t0:.1f} s: {data.describe()}")
     tokenizer = data.tokenizer()
     model_cfg = get_preset(cfg.preset)
     if cfg.num_layers is not None:
@@ -71,10 +75,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if found != model_cfg.num_layers:
             raise ValueError(f"init_from={cfg.init_from} has {found} layers but the run builds "
                              f"{model_cfg.num_layers} (set num_layers={found})")
+    say(f"initialising DeepSpeed ({model_cfg.num_layers} layers)")
     engine, _, _, ds = initialize_engine(cfg, model, load_universal=universal)
     if resumed:
+        say(f"resuming from {ckpt_dir}/{own_tag}")
         client = checkpointing.load(engine, ckpt_dir, own_tag)
     elif init_tag is not None:
+        say(f"loading {cfg.init_from}/{init_tag}{' (universal)' if universal else ''}")
         client = checkpointing.load(engine, Path(cfg.init_from), init_tag)
     else:
         client = {}
@@ -99,15 +106,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                      seed=cfg.data_seed)
     if rank == 0:
         n = sum(p.numel() for p in model.parameters()) * ps.get_tensor_model_parallel_world_size()
-        print(f"[lag_ds] {model_cfg.num_layers} layers, ~{n:,} params, vocab {vocab}, DP={dp_size} "
-              f"TP={ps.get_tensor_model_parallel_world_size()} ZeRO={ds.get('zero_optimization', {}).get('stage', 0)}, "
-              f"start step {step} ({'resumed' if resumed else 'init_from' if cfg.init_from else 'scratch'})", flush=True)
+        origin = "resumed" if resumed else "init_from" if cfg.init_from else "scratch"
+        say(f"{model_cfg.num_layers} layers, ~{n:,} params, vocab {vocab}, DP={dp_size} "
+            f"TP={ps.get_tensor_model_parallel_world_size()} "
+            f"ZeRO={ds.get('zero_optimization', {}).get('stage', 0)}, start step {step} ({origin}), "
+            f"training to step {cfg.train_steps}")
         logger.text("config", f"```\n{to_dict(cfg)}\n```", step)
 
     last_val: dict[str, float] = {}
     if not resumed:  # LAG@0: the loss right after growing (or at initialisation)
+        say(f"validation at step {step} ({cfg.eval_samples} samples)")
         last_val = validation_loss(engine, val_batches, device)
         logger.log(step, last_val)
+        _log_since_growth(logger, cfg, step, last_val)
 
     inject = os.environ.get("LAG_DS_INJECT_NAN_AT_STEP")
     progress = _progress_bar(rank == 0, initial=step, total=cfg.train_steps)
@@ -147,9 +158,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "train/tokens_per_s": tokens_per_step / elapsed,
                 })
-            if step % cfg.eval_interval == 0 or step == cfg.train_steps:
+            if _evaluates(cfg, step):
                 last_val = validation_loss(engine, val_batches, device)
                 logger.log(step, last_val)
+                _log_since_growth(logger, cfg, step, last_val)
             if step % cfg.save_interval == 0 or step == cfg.train_steps:
                 checkpointing.save(engine, ckpt_dir, step=step, keep=cfg.keep_checkpoints,
                                    client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
@@ -160,6 +172,27 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         progress.close()
         logger.close()
     return last_val
+
+
+def _evaluates(cfg: TrainConfig, step: int) -> bool:
+    """Validation cadence: every ``eval_interval``, densely up to ``eval_dense_until``, and last."""
+    if step % cfg.eval_interval == 0 or step == cfg.train_steps:
+        return True
+    return cfg.eval_dense_until is not None and step <= cfg.eval_dense_until \
+        and step % cfg.eval_dense_interval == 0
+
+
+def _log_since_growth(logger: MetricLogger, cfg: TrainConfig, step: int,
+                      scalars: dict[str, float]) -> None:
+    if cfg.growth_step is not None and step >= cfg.growth_step:
+        logger.tb_scalar("val_since_growth/loss", scalars["val/loss"], step - cfg.growth_step)
+
+
+def _status(enabled: bool):
+    def say(message: str) -> None:
+        if enabled:
+            print(f"{STATUS_PREFIX} {message}", flush=True)
+    return say
 
 
 def _progress_bar(enabled: bool, *, initial: int, total: int):

@@ -19,6 +19,11 @@ from typing import Mapping
 
 from lag_ds.atomic_io import atomic_write_text
 
+STATUS_PREFIX = "[lag_ds]"
+"""Start of the trainer's status lines on stdout ("preparing data ...", "loading ..."); the
+launcher's progress display shows the newest one while a job has not logged a step yet
+(``JobSpec.status_prefix``)."""
+
 
 class MetricLogger:
     def __init__(self, *, jsonl_path: Path, tb_dir: Path | None, resume_step: int | None, enabled: bool) -> None:
@@ -46,6 +51,11 @@ class MetricLogger:
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def tb_scalar(self, tag: str, value: float, step: int) -> None:
+        """A TensorBoard-only scalar on another axis (e.g. steps since growing)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_scalar(tag, float(value), global_step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled and self.writer is not None:
