@@ -210,7 +210,8 @@ def replay_sh(curves: Mapping[str, Curve], *, base_step: int, k: int, min_steps:
         alive = sh_keep(losses, eta=eta) if r < k else sh_keep(losses, eta=eta)[:1]
         if not alive:
             raise NoEligibleCandidate(f"replay_sh: no finite loss at rung t={r} "
-                                      f"(step {base_step + r})")
+                                      f"(step {base_step + r}; a validation point is needed at "
+                                      "every rung)")
         if len(alive) == 1:
             break
     r_, rr = _judge(final_losses, alive[0])
