@@ -202,3 +202,13 @@ def test_replay_rejects_misnamed_or_empty_curves():
         replay_sh({}, base_step=BASE, k=10, min_steps=10, eta=2)
     with pytest.raises(ValueError, match="named"):
         replay_lag({"x": _curve("y", [1.0])}, base_step=BASE, k=0)
+
+
+def test_sh_trained_steps_per_candidate():
+    from lag_ds.select.policies import sh_trained_steps
+
+    pick, trained = sh_trained_steps(_nine(), base_step=BASE, k=40, min_steps=10, eta=3)
+    # c3..c8 eliminated at rung 10, c1 and c2 at rung 30, c0 decided at 30
+    assert pick == "c0"
+    assert trained == {**{f"c{i}": 10 for i in range(3, 9)}, "c1": 30, "c2": 30, "c0": 30}
+    assert sum(trained.values()) == 150

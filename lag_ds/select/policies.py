@@ -49,6 +49,7 @@ __all__ = [
     "settle_step",
     "sh_keep",
     "sh_rungs",
+    "sh_trained_steps",
 ]
 
 
@@ -194,29 +195,45 @@ def replay_lag(curves: Mapping[str, Curve], *, base_step: int, k: int, smoothing
                          candidate_steps=len(curves) * k, regret=r, relative_regret=rr)
 
 
+def sh_trained_steps(curves: Mapping[str, Curve], *, base_step: int, k: int, min_steps: int,
+                     eta: int) -> tuple[str, dict[str, int]]:
+    """Successive halving on curves: ``(pick, {candidate: steps since growing it trained})``.
+
+    Every candidate trains to the rung that eliminates it; the survivors to the decision step
+    (``k``, or the rung that left one survivor).  The loss at a rung is non-finite if the curve
+    has no point there or any non-finite point before it.  :class:`NoEligibleCandidate` if a rung
+    has no finite loss at all.
+    """
+    _check_curves(curves, where="sh_trained_steps")
+    alive = tuple(sorted(curves))
+    trained: dict[str, int] = {}
+    for r in sh_rungs(k, min_steps=min_steps, eta=eta):
+        losses = {n: _loss_since(curves[n], base_step=base_step, t=r) for n in alive}
+        kept = sh_keep(losses, eta=eta) if r < k else sh_keep(losses, eta=eta)[:1]
+        if not kept:
+            raise NoEligibleCandidate(f"replay_sh: no finite loss at rung t={r} "
+                                      f"(step {base_step + r}; a validation point is needed at "
+                                      "every rung)")
+        trained.update({n: r for n in alive if n not in kept})
+        alive = kept
+        if len(alive) == 1:
+            trained[alive[0]] = r
+            break
+    return alive[0], trained
+
+
 def replay_sh(curves: Mapping[str, Curve], *, base_step: int, k: int, min_steps: int, eta: int,
               final_losses: Mapping[str, float] | None = None) -> PolicyOutcome:
     """Successive halving replayed: rungs from :func:`sh_rungs`, survivors from :func:`sh_keep`
     on the loss at each rung (missing point or earlier NaN = non-finite), lowest loss at ``k``
-    wins; decided early if a rung leaves one survivor."""
-    _check_curves(curves, where="replay_sh")
-    rungs = sh_rungs(k, min_steps=min_steps, eta=eta)
-    alive = tuple(sorted(curves))
-    spent, prev = 0, 0
-    for r in rungs:
-        spent += len(alive) * (r - prev)
-        prev = r
-        losses = {n: _loss_since(curves[n], base_step=base_step, t=r) for n in alive}
-        alive = sh_keep(losses, eta=eta) if r < k else sh_keep(losses, eta=eta)[:1]
-        if not alive:
-            raise NoEligibleCandidate(f"replay_sh: no finite loss at rung t={r} "
-                                      f"(step {base_step + r}; a validation point is needed at "
-                                      "every rung)")
-        if len(alive) == 1:
-            break
-    r_, rr = _judge(final_losses, alive[0])
-    return PolicyOutcome(policy=f"SH(eta={eta},r0={min_steps},k={k})", pick=alive[0],
-                         decided_at=prev, candidate_steps=spent, regret=r_, relative_regret=rr)
+    wins; decided early if a rung leaves one survivor.  Cost: the sum of
+    :func:`sh_trained_steps`."""
+    pick, trained = sh_trained_steps(curves, base_step=base_step, k=k, min_steps=min_steps,
+                                     eta=eta)
+    r_, rr = _judge(final_losses, pick)
+    return PolicyOutcome(policy=f"SH(eta={eta},r0={min_steps},k={k})", pick=pick,
+                         decided_at=trained[pick], candidate_steps=sum(trained.values()),
+                         regret=r_, relative_regret=rr)
 
 
 def replay_settle(curves: Mapping[str, Curve], *, base_step: int, tau: float, m: int, floor: int,

@@ -56,7 +56,7 @@ from lag_ds.select.selection_file import SelectionFile, read_selection_json
 from lag_ds.select.strategies import on_top_operators, strategy_table
 
 __all__ = ["REPORT_VERSION", "ReplaySpec", "analyze_run", "candidate_dirs", "check_replay",
-           "default_replays", "parse_replay"]
+           "default_replays", "final_losses", "load_run", "parse_replay"]
 
 REPORT_VERSION = 1
 MAX_HEATMAP_STEPS = 400
@@ -167,6 +167,39 @@ def _load_curves(run_dir: Path, sel: SelectionFile) -> tuple[dict[str, Curve], d
     return curves, left_out
 
 
+def load_run(run_dir: str | Path) -> tuple[SelectionFile, dict[str, Curve], dict[str, str]]:
+    """``(selection.json, {candidate: val/loss curve}, {candidate: why it has no curve})`` of a
+    run directory; ``ValueError`` naming the file for a missing/corrupt input or no usable curve.
+    Candidates the launcher marked failed are left out."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: RUN_DIR is not a directory")
+    sel_path = run_dir / "selection.json"
+    if not sel_path.is_file():
+        raise ValueError(f"{sel_path}: no selection.json (not a LAG run directory?)")
+    sf = read_selection_json(sel_path)
+    curves, left_out = _load_curves(run_dir, sf)
+    if not curves:
+        raise ValueError(f"{run_dir}: no candidate has a metrics file under candidates/*/run/")
+    if not loss_table(curves, base_step=sf.selection.base_step).names:
+        raise ValueError(f"{run_dir}: no candidate curve is usable ({left_out})")
+    return sf, curves, left_out
+
+
+def final_losses(curves: Mapping[str, Curve], *,
+                 base_step: int) -> tuple[int, dict[str, float], dict[str, str]]:
+    """``(final t, {candidate: raw loss there}, {candidate: why it has none})``: the final step
+    is the last step any usable curve (no NaN/inf from ``base_step`` on) reached."""
+    raw = loss_table(curves, base_step=base_step)
+    if not raw.names:
+        raise ValueError("final_losses: no usable curve")
+    last_t = int(raw.steps[-1])
+    finals = raw.at(raw.steps.size - 1)
+    left = {n: f"no point at the final step (last at t={int(curves[n].steps[-1]) - base_step})"
+            for n in raw.names if n not in finals}
+    return last_t, finals, left
+
+
 def _heatmap_rows(steps: np.ndarray, horizon: int) -> np.ndarray:
     rows = np.flatnonzero(steps <= horizon)
     if rows.size > MAX_HEATMAP_STEPS:  # evenly spaced subset keeps the matrix small
@@ -178,34 +211,21 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
                 margin: float = DEFAULT_MARGIN, horizon: int | None = None,
                 replays: Sequence[ReplaySpec] = ()) -> dict[str, Any]:
     """Everything the report shows, as a JSON-safe dict (see the module docstring)."""
+    sf, curves, left_out = load_run(run_dir)
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: RUN_DIR is not a directory")
-    sel_path = run_dir / "selection.json"
-    if not sel_path.is_file():
-        raise ValueError(f"{sel_path}: no selection.json (not a LAG run directory?)")
-    sf = read_selection_json(sel_path)
     sel = sf.selection
     base, k = sel.base_step, sel.k
     for spec in replays:
         check_replay(spec, k=k)
-    curves, left_out = _load_curves(run_dir, sf)
-    if not curves:
-        raise ValueError(f"{run_dir}: no candidate has a metrics file under candidates/*/run/")
     table = loss_table(curves, base_step=base, smoothing_window=smoothing)
     left_out.update(table.excluded)
-    if not table.names:
-        raise ValueError(f"{run_dir}: no candidate curve is usable ({left_out})")
     raw = loss_table(curves, base_step=base)
     last_t = int(raw.steps[-1])
     study = last_t > k
     finals: dict[str, float] | None = None
     final_info = None
     if study:
-        i = raw.steps.size - 1
-        finals = raw.at(i)
-        final_left = {n: f"no point at the final step (last at t="
-                      f"{int(curves[n].steps[-1]) - base})" for n in raw.names if n not in finals}
+        _, finals, final_left = final_losses(curves, base_step=base)
         final_info = {"step": base + last_t, "t": last_t, "losses": finals,
                       "left_out": final_left}
 
