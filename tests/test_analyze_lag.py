@@ -133,13 +133,25 @@ def test_study_run_report_matches_independent_recomputation(tmp_path, capsys):
                                         and s["spearman_final"] >= 0.9
                                         for s in rep["steps"] if s["t"] >= t))
     assert prop["transition"] == first and prop["k"] == 2 * first
-    for f in ("report.md", "curves.png", "self_correlation.png", "correlation_with_final.png",
-              "recall.png", "regret.png"):
+    figures = ["curves.png", "self_correlation.png", "correlation_with_final.png", "recall.png",
+               "regret.png"]
+    assert sorted(rep["figures"]) == sorted(figures)
+    for f in ["report.md", *figures]:
         assert (out / f).is_file(), f
     md = (out / "report.md").read_text()
     assert "final-correlation" in md and "| Oracle |" in md
     events = list((tmp_path / "tb" / "analysis").glob("events.out.tfevents.*"))
     assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "analysis"),
+                           size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == sorted(f"analysis/{f[:-4]}" for f in figures)
+    text = acc.Tensors("analysis/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| Oracle |" in text
+    rho = {e.step - BASE: e.value for e in acc.Scalars("analysis/spearman_final")}
+    assert rho == pytest.approx({s["t"]: s["spearman_final"] for s in rep["steps"]})
     assert not [p for p in tmp_path.rglob(".*partial*")]
 
 
@@ -233,3 +245,52 @@ def test_rerun_replaces_the_report_and_out_elsewhere(tmp_path, capsys):
     other = tmp_path / "elsewhere"
     assert _run([tmp_path, "--no-tensorboard", "--out", other], capsys)[0] == 0
     assert (other / "report.md").is_file()
+
+
+def _write_curve(root, name, points):
+    run = root / "candidates" / name / "run"
+    run.mkdir(parents=True)
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": BASE + t, "val/loss": v, "wall_time": float(t)}) + "\n"
+        for t, v in points))
+    return Curve(name=name, steps=np.array([BASE + t for t, _ in points]),
+                 values=np.array([v for _, v in points], dtype=float))
+
+
+def test_one_candidate_study_has_undefined_correlations_and_no_crash(tmp_path, capsys):
+    c = _write_curve(tmp_path, "only", [(t, 3.0 - 0.01 * t) for t in range(0, 101, 10)])
+    write_selection_json(tmp_path / "selection.json",
+                         select_lag({"only": c.window(start=BASE, stop=BASE + K)}, k=K,
+                                    base_step=BASE), data_seed=0)
+    rc, io = _run([tmp_path, "--no-tensorboard"], capsys)
+    assert rc == 0, io.err
+    rep = json.loads((tmp_path / "analysis" / "report.json").read_text())
+    assert all(s["spearman_final"] is None and s["pearson_final"] is None for s in rep["steps"])
+    assert all(s["regret"] == 0.0 and s["recall"]["1"] is True for s in rep["steps"])
+    assert all(v is None for row in rep["self_correlation"]["matrix"] for v in row)
+    assert rep["k_proposal"]["transition"] is None and "did not settle" in rep["verdict"]
+    assert [r["strategy"] for r in rep["table"]][:3] == [
+        "Oracle", f"LAG@{K}", "Best at initialization (LAG@0)"]   # no stack-on-top operators
+
+
+def test_constant_and_tied_curves(tmp_path, capsys):
+    # "a" and "b" are identical (tied everywhere), "c" is constant and ends up worst.
+    curves = {n: _write_curve(tmp_path, n, pts) for n, pts in {
+        "a": [(t, 3.0 - 0.01 * t) for t in range(0, 101, 10)],
+        "b": [(t, 3.0 - 0.01 * t) for t in range(0, 101, 10)],
+        "c": [(t, 2.5) for t in range(0, 101, 10)],
+    }.items()}
+    seen = {n: c.window(start=BASE, stop=BASE + K) for n, c in curves.items()}
+    write_selection_json(tmp_path / "selection.json", select_lag(seen, k=K, base_step=BASE),
+                         data_seed=0)
+    rc, io = _run([tmp_path, "--no-tensorboard"], capsys)
+    assert rc == 0, io.err
+    rep = json.loads((tmp_path / "analysis" / "report.json").read_text())
+    by_t = {s["t"]: s for s in rep["steps"]}
+    # t=0: c (2.5) lowest, a = b = 3.0; finals a = b = 2.0 < c = 2.5 -> final-best "a" (by name)
+    assert by_t[0]["pick"] == "c" and by_t[0]["relative_regret"] == 1.0
+    assert by_t[0]["recall"] == {"1": False, "2": True, "3": True}
+    assert by_t[0]["spearman_final"] == pytest.approx(_spearman([3.0, 3.0, 2.5], [2.0, 2.0, 2.5]))
+    # t=50: a = b = 2.5 = c: all tied -> undefined correlation, pick by name
+    assert by_t[50]["spearman_final"] is None and by_t[50]["pick"] == "a"
+    assert by_t[100]["pick"] == "a" and by_t[100]["regret"] == 0.0

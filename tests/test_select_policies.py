@@ -212,3 +212,8 @@ def test_sh_trained_steps_per_candidate():
     assert pick == "c0"
     assert trained == {**{f"c{i}": 10 for i in range(3, 9)}, "c1": 30, "c2": 30, "c0": 30}
     assert sum(trained.values()) == 150
+
+
+def test_numpy_scalars_are_numbers():
+    assert sh_keep({"a": np.float32(2.0), "b": np.float64(1.0), "c": np.float32("nan")},
+                   eta=2) == ("b", "a")

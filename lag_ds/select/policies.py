@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -82,7 +83,8 @@ def sh_rungs(k: int, *, min_steps: int, eta: int) -> tuple[int, ...]:
 
 
 def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A real number (numpy scalars included, bool not) that is neither NaN nor +-inf."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def sh_keep(losses: Mapping[str, float], *, eta: int) -> tuple[str, ...]:
@@ -125,7 +127,7 @@ def settle_step(losses_by_step: Mapping[int, Mapping[str, float]], *, tau: float
     ``>= tau`` (an undefined correlation -- constant losses, fewer than 2 candidates -- is not
     settled); else ``cap`` once an evaluation at a step ``>= cap`` exists; else ``None``.
     """
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not -1.0 <= tau <= 1.0:
+    if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not -1.0 <= tau <= 1.0:
         raise ValueError(f"settle_step: tau must be a number in [-1, 1], got {tau!r}")
     _check_int(m, name="m", minimum=1, where="settle_step")
     _check_int(floor, name="floor", minimum=0, where="settle_step")

@@ -217,6 +217,8 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
     base, k = sel.base_step, sel.k
     for spec in replays:
         check_replay(spec, k=k)
+    if horizon is not None and horizon < 0:
+        raise ValueError(f"--horizon must be >= 0, got {horizon}")
     table = loss_table(curves, base_step=base, smoothing_window=smoothing)
     left_out.update(table.excluded)
     raw = loss_table(curves, base_step=base)

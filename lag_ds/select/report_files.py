@@ -9,8 +9,9 @@ half-written report (at worst, for an instant, no report).
 Figures are drawn from ``report.json``'s numbers alone (matplotlib, Agg canvas, no pyplot state):
 correlation with the final loss, the self-correlation heatmap, recall@{1,2,3}, regret, and the
 candidates' validation curves, all against steps since growing.  The TensorBoard run
-(``RUN_DIR/tb/analysis`` by default) holds the same figures as images and the report's table and
-verdict as text.
+(``RUN_DIR/tb/analysis`` by default) holds the same figures as images, the report's table and
+verdict as text, and the per-step correlations with the final loss and relative regret as scalars
+(at global steps).
 
 Example::
 
@@ -199,6 +200,10 @@ def _write_tensorboard(tb_dir: Path, rep: dict[str, Any], images: dict[str, np.n
         step = rep["base_step"] + rep["k"]
         for name, img in images.items():
             writer.add_image(f"analysis/{name}", img, global_step=step, dataformats="HWC")
+        for s in rep["steps"]:  # per-step curves as scalars too, at global steps
+            for key in ("spearman_final", "pearson_final", "relative_regret"):
+                if s[key] is not None:
+                    writer.add_scalar(f"analysis/{key}", s[key], rep["base_step"] + s["t"])
         writer.add_text("analysis/table", _table_md(rep), global_step=step)
         writer.add_text("analysis/verdict", rep["verdict"], global_step=step)
     finally:
