@@ -217,3 +217,16 @@ def test_sh_trained_steps_per_candidate():
 def test_numpy_scalars_are_numbers():
     assert sh_keep({"a": np.float32(2.0), "b": np.float64(1.0), "c": np.float32("nan")},
                    eta=2) == ("b", "a")
+
+
+def test_settle_pairs_use_the_candidates_that_count_at_t():
+    # "x" flips the ranking between t=0 and t=10, then drops out (missing at t=20).  At t=20 only
+    # a, b, c count, and over them both pairs (0,10), (10,20) are perfectly correlated.
+    by_step = {
+        0: {"a": 1.0, "b": 2.0, "c": 3.0, "x": 0.0},
+        10: {"a": 1.0, "b": 2.0, "c": 3.0, "x": 9.0},
+        20: {"a": 1.0, "b": 2.0, "c": 3.0},
+    }
+    # over a, b, c, x: ranks 2,3,4,1 vs 1,2,3,4 -> rho(0, 10) = 1 - 6*12/60 = -0.2
+    assert settle_step(by_step, tau=0.9, m=1, floor=0, cap=100) == 20
+    assert settle_step(by_step, tau=0.9, m=2, floor=0, cap=100) == 20

@@ -101,20 +101,28 @@ def sh_keep(losses: Mapping[str, float], *, eta: int) -> tuple[str, ...]:
     return tuple(name for _, name in ranked[:keep])
 
 
-def _settled_pairs(losses_by_step: Mapping[int, Mapping[str, float]]):
-    """Yield ``(t, rho)`` per evaluation: rho = Spearman between the previous evaluation and t over
-    the candidates finite at every evaluation so far (NaN for the first or if < 2 candidates)."""
-    alive: set[str] | None = None
-    prev: Mapping[str, float] | None = None
+def _alive(losses_by_step: Mapping[int, Mapping[str, float]]) -> list[tuple[int, frozenset]]:
+    """``(t, candidates finite at every evaluation up to t)`` for each evaluation, in order."""
+    out: list[tuple[int, frozenset]] = []
+    alive: frozenset | None = None
     for t in sorted(losses_by_step):
-        now = losses_by_step[t]
-        finite_now = {n for n, v in now.items() if _finite(v)}
+        finite_now = frozenset(n for n, v in losses_by_step[t].items() if _finite(v))
         alive = finite_now if alive is None else alive & finite_now
-        rho = math.nan
-        if prev is not None and len(alive) >= 2:
-            rho = step_correlation({n: prev[n] for n in alive}, {n: now[n] for n in alive})
-        yield t, rho, frozenset(alive)
-        prev = now
+        out.append((t, alive))
+    return out
+
+
+def _settled(losses_by_step: Mapping[int, Mapping[str, float]], steps: list[int],
+             names: frozenset, *, tau: float) -> bool:
+    """Spearman over ``names`` between each consecutive pair of ``steps`` is ``>= tau``."""
+    if len(names) < 2:
+        return False  # undefined with fewer than 2 candidates
+    for a, b in zip(steps, steps[1:]):
+        rho = step_correlation({n: losses_by_step[a][n] for n in names},
+                               {n: losses_by_step[b][n] for n in names})
+        if not rho >= tau:  # NaN (constant losses) is not settled
+            return False
+    return True
 
 
 def settle_step(losses_by_step: Mapping[int, Mapping[str, float]], *, tau: float, m: int,
@@ -123,9 +131,10 @@ def settle_step(losses_by_step: Mapping[int, Mapping[str, float]], *, tau: float
 
     Evaluation steps are the sorted keys; only candidates present (and finite) at every evaluation
     used so far count.  Returns the first evaluation step ``t >= floor`` such that the Spearman
-    correlation between each of the last ``m`` consecutive pairs of evaluations ending at ``t`` is
-    ``>= tau`` (an undefined correlation -- constant losses, fewer than 2 candidates -- is not
-    settled); else ``cap`` once an evaluation at a step ``>= cap`` exists; else ``None``.
+    correlation (over the candidates that count at ``t``) between each of the last ``m``
+    consecutive pairs of evaluations ending at ``t`` is ``>= tau`` (an undefined correlation --
+    constant losses, fewer than 2 candidates -- is not settled); else ``cap`` once an evaluation
+    at a step ``>= cap`` exists; else ``None``.
     """
     if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not -1.0 <= tau <= 1.0:
         raise ValueError(f"settle_step: tau must be a number in [-1, 1], got {tau!r}")
@@ -134,10 +143,10 @@ def settle_step(losses_by_step: Mapping[int, Mapping[str, float]], *, tau: float
     _check_int(cap, name="cap", minimum=0, where="settle_step")
     if cap < floor:
         raise ValueError(f"settle_step: cap={cap} must be >= floor={floor}")
-    run = 0  # consecutive pairs with rho >= tau, ending at the current evaluation
-    for t, rho, _ in _settled_pairs(losses_by_step):
-        run = run + 1 if rho >= tau else 0  # NaN >= tau is False
-        if t >= floor and run >= m:
+    steps = sorted(losses_by_step)
+    for j, (t, alive) in enumerate(_alive(losses_by_step)):
+        if t >= floor and j >= m and _settled(losses_by_step, steps[j - m:j + 1], alive,
+                                              tau=tau):
             return min(t, cap)
         if t >= cap:
             return cap
@@ -253,7 +262,7 @@ def replay_settle(curves: Mapping[str, Curve], *, base_step: int, tau: float, m:
         last = steps[-1] if steps else None
         raise ValueError(f"replay_settle: curves end at t={last} before the ranking settled "
                          f"or cap={cap} was reached")
-    trigger, alive = next((t, a) for t, _, a in _settled_pairs(by_step) if t >= decided)
+    trigger, alive = next((t, a) for t, a in _alive(by_step) if t >= decided)
     if not alive:
         raise NoEligibleCandidate(f"replay_settle: no candidate finite at every evaluation up "
                                   f"to t={trigger}")
