@@ -230,3 +230,24 @@ def test_settle_pairs_use_the_candidates_that_count_at_t():
     # over a, b, c, x: ranks 2,3,4,1 vs 1,2,3,4 -> rho(0, 10) = 1 - 6*12/60 = -0.2
     assert settle_step(by_step, tau=0.9, m=1, floor=0, cap=100) == 20
     assert settle_step(by_step, tau=0.9, m=2, floor=0, cap=100) == 20
+
+
+@pytest.mark.parametrize("w", [1, 2, 3])
+def test_lag_at_every_step_equals_replay_lag_per_step(w):
+    from lag_ds.select.policies import lag_at_every_step
+
+    rng = np.random.default_rng(7)
+    curves = {
+        "a": _curve("a", list(rng.random(12))),
+        "b": _curve("b", [*rng.random(5), NAN, *rng.random(6)]),       # diverges at t=50
+        "c": Curve(name="c", steps=np.array([BASE + 20 * i for i in range(6)]),
+                   values=rng.random(6)),                               # every other point
+        "d": _curve("d", [0.5] * 12),                                    # ties with rounding
+        "e": _curve("e", [0.5] * 12),
+    }
+    final = {"a": 1.0, "c": 2.0, "d": 0.5}
+    fast = lag_at_every_step(curves, base_step=BASE, smoothing_window=w, final_losses=final)
+    assert sorted(fast) == [10 * i for i in range(12)]
+    for t, out in fast.items():
+        assert out == replay_lag(curves, base_step=BASE, k=t, smoothing_window=w,
+                                 final_losses=final)

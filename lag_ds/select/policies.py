@@ -38,12 +38,15 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from lag_ds.select.curves import Curve
 from lag_ds.select.lag import NoEligibleCandidate, select_lag
 from lag_ds.select.metrics import regret, relative_regret, step_correlation
 
 __all__ = [
     "PolicyOutcome",
+    "lag_at_every_step",
     "replay_lag",
     "replay_settle",
     "replay_sh",
@@ -204,6 +207,40 @@ def replay_lag(curves: Mapping[str, Curve], *, base_step: int, k: int, smoothing
     r, rr = _judge(final_losses, sel.winner)
     return PolicyOutcome(policy=name, pick=sel.winner, decided_at=k,
                          candidate_steps=len(curves) * k, regret=r, relative_regret=rr)
+
+
+def lag_at_every_step(curves: Mapping[str, Curve], *, base_step: int, smoothing_window: int = 1,
+                      final_losses: Mapping[str, float] | None = None,
+                      ) -> dict[int, PolicyOutcome | None]:
+    """:func:`replay_lag` for every evaluated ``t >= 0`` at once (``None`` where no candidate is
+    eligible), in one pass per curve instead of one ``select_lag`` per step: same eligibility
+    (a point at ``t``, no non-finite point in ``[base_step, base_step + t]``), same trailing mean,
+    same tie-break by name."""
+    _check_curves(curves, where="lag_at_every_step")
+    _check_int(smoothing_window, name="smoothing_window", minimum=1, where="lag_at_every_step")
+    names = sorted(curves)
+    seen = [curves[n].window(start=base_step, stop=np.iinfo(np.int64).max) for n in names]
+    steps = np.array(sorted({int(s) for c in seen for s in c.steps}), dtype=np.int64)
+    score = np.full((steps.size, len(names)), np.nan)
+    for j, c in enumerate(seen):
+        bad = np.flatnonzero(~np.isfinite(c.values))
+        good = int(bad[0]) if bad.size else len(c)
+        rows = np.searchsorted(steps, c.steps[:good])
+        w = smoothing_window
+        score[rows, j] = [float(np.mean(c.values[max(0, i - w + 1):i + 1])) for i in range(good)]
+    out: dict[int, PolicyOutcome | None] = {}
+    name = "LAG@{}" if smoothing_window == 1 else "LAG@{}" + f"(w={smoothing_window})"
+    for i, step in enumerate(steps):
+        t = int(step) - base_step
+        row = score[i]
+        if np.isnan(row).all():
+            out[t] = None
+            continue
+        pick = names[int(np.nanargmin(row))]  # first minimum = smallest name among ties
+        r, rr = _judge(final_losses, pick)
+        out[t] = PolicyOutcome(policy=name.format(t), pick=pick, decided_at=t,
+                               candidate_steps=len(curves) * t, regret=r, relative_regret=rr)
+    return out
 
 
 def sh_trained_steps(curves: Mapping[str, Curve], *, base_step: int, k: int, min_steps: int,

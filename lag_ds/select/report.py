@@ -46,6 +46,7 @@ from lag_ds.select.phase import (
 )
 from lag_ds.select.policies import (
     PolicyOutcome,
+    lag_at_every_step,
     replay_lag,
     replay_settle,
     replay_sh,
@@ -246,15 +247,11 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
     raced = {n: c for n, c in curves.items()
              if not sel.excluded.get(n, "").startswith("failed")}
     lag_at_t = []
-    for t in raw.steps:
-        try:
-            out = replay_lag(raced, base_step=base, k=int(t),
-                             smoothing_window=sel.smoothing_window, final_losses=finals)
-            lag_at_t.append({"t": int(t), "pick": out.pick, "regret": out.regret,
-                             "relative_regret": out.relative_regret})
-        except ValueError as err:  # nobody eligible at t
-            lag_at_t.append({"t": int(t), "pick": None, "regret": None,
-                             "relative_regret": None, "note": str(err)})
+    for t, out in lag_at_every_step(raced, base_step=base, smoothing_window=sel.smoothing_window,
+                                    final_losses=finals).items():
+        lag_at_t.append({"t": t, "pick": out.pick if out else None,
+                         "regret": out.regret if out else None,
+                         "relative_regret": out.relative_regret if out else None})
 
     replay_rows, outcomes = [], []
     every = math.gcd(*(int(t) for t in raw.steps if 0 < t <= k)) or 1
