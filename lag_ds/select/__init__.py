@@ -22,6 +22,15 @@ from lag_ds.select.metrics import (
     spearman,
     step_correlation,
 )
+from lag_ds.select.policies import (
+    PolicyOutcome,
+    replay_lag,
+    replay_settle,
+    replay_sh,
+    settle_step,
+    sh_keep,
+    sh_rungs,
+)
 from lag_ds.select.selection_file import (
     SELECTION_VERSION,
     SelectionFile,
@@ -34,5 +43,7 @@ __all__ = [
     "NoEligibleCandidate", "RankedCandidate", "Selection", "select_lag", "smoothed_loss",
     "argmin_name", "losses_at", "pearson", "rankdata", "recall_at_k", "regret",
     "relative_regret", "spearman", "step_correlation",
+    "PolicyOutcome", "replay_lag", "replay_settle", "replay_sh", "settle_step", "sh_keep",
+    "sh_rungs",
     "SELECTION_VERSION", "SelectionFile", "read_selection_json", "write_selection_json",
 ]
