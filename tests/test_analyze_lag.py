@@ -223,6 +223,8 @@ def test_bad_options_exit_2(tmp_path, capsys):
     cand = tmp_path / "candidates" / EARLY / "report"
     for argv, word in [
         ([tmp_path, "--out", cand], "inside the candidates directory"),
+        ([tmp_path, "--tb-dir", cand], "--tb-dir"),
+        ([tmp_path, "--out", tmp_path / "no" / "such"], "does not exist"),
         ([tmp_path, "--replay", "sh:eta=1,r0=10,k=40"], "eta"),
         ([tmp_path, "--replay", "bogus:k=1"], "kind"),
         ([tmp_path, "--replay", "sh:x=1"], "keys"),
@@ -235,6 +237,8 @@ def test_bad_options_exit_2(tmp_path, capsys):
 
 def test_rerun_replaces_the_report_and_out_elsewhere(tmp_path, capsys):
     _make_run(tmp_path)
+    stale = tmp_path / ".analysis.partial-999999999-abcd"   # left by a killed run (no such pid)
+    stale.mkdir()
     assert _run([tmp_path, "--no-tensorboard"], capsys)[0] == 0
     first = json.loads((tmp_path / "analysis" / "report.json").read_text())
     assert _run([tmp_path, "--no-tensorboard", "--threshold", "0.5"], capsys)[0] == 0
