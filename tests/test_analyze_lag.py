@@ -228,7 +228,10 @@ def test_bad_options_exit_2(tmp_path, capsys):
         ([tmp_path, "--replay", "sh:eta=1,r0=10,k=40"], "eta"),
         ([tmp_path, "--replay", "bogus:k=1"], "kind"),
         ([tmp_path, "--replay", "sh:x=1"], "keys"),
-        ([tmp_path, "--smoothing", "4"], "odd"),
+        ([tmp_path, "--smoothing", "4"], "--smoothing must be an odd"),
+        ([tmp_path, "--threshold", "1.5"], "--threshold"),
+        ([tmp_path, "--margin", "0.5"], "--margin"),
+        ([tmp_path, "--horizon", "-1"], "--horizon"),
     ]:
         rc, io = _run(argv, capsys)
         assert rc == 2 and word in io.err and io.err.startswith("error: "), (argv, io.err)
