@@ -220,6 +220,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_bad_options_exit_2(tmp_path, capsys):
     _make_run(tmp_path)
+    rc, io = _run([tmp_path, "--smoothing", "abc"], capsys)
+    assert rc == 2 and io.err.startswith("error: ") and io.err.count("\n") == 1
+    rc, io = _run(["--help"], capsys)
+    assert rc == 0 and "examples:" in io.out
     cand = tmp_path / "candidates" / EARLY / "report"
     for argv, word in [
         ([tmp_path, "--out", cand], "inside the candidates directory"),
