@@ -190,6 +190,8 @@ def test_race_only_run(tmp_path, capsys):
                   if all(m[i][j] >= 0.95 for j in range(i + 1, len(steps))))
     assert rep["k_proposal"]["transition"] == want_t
     assert "Race-only" in rep["verdict"]
+    md = (tmp_path / "analysis" / "report.md").read_text()
+    assert f"| LAG@{K} | {rep['winner']} | – | – | – | {4 * K} | {K} |" in md
     assert not (tmp_path / "analysis" / "regret.png").exists()
     assert not (tmp_path / "tb").exists()
 

@@ -292,6 +292,7 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
         "selection_smoothing_window": sel.smoothing_window,
         "analysis_smoothing_window": smoothing,
         "threshold": threshold, "margin": margin,
+        "num_raced": len(sel.ranking) + len(sel.excluded),
         "candidates": list(table.names),
         "left_out": dict(sorted(left_out.items())),
         "last_t": last_t,

@@ -53,9 +53,10 @@ def _table_md(rep: dict[str, Any]) -> str:
             "| Decided at t | Note |\n|---|---|---|---|---|---|---|---|\n")
     if rep["table"] is None:
         rows = [{"strategy": f"LAG@{rep['k']}", "pick": rep["winner"], "decided_at": rep["k"],
+                 "candidate_steps": rep["num_raced"] * rep["k"],
                  "note": "race-only: no final losses"},
                 {"strategy": "Best at initialization (LAG@0)", "pick": rep["lag0_winner"],
-                 "decided_at": 0}]
+                 "candidate_steps": 0, "decided_at": 0}]
         rows += [r for r in rep["replays"] if "error" not in r]
         rows = [{"strategy": r.get("strategy", r.get("policy")), **r} for r in rows]
     else:
