@@ -190,6 +190,8 @@ def test_race_only_run(tmp_path, capsys):
                   if all(m[i][j] >= 0.95 for j in range(i + 1, len(steps))))
     assert rep["k_proposal"]["transition"] == want_t
     assert "Race-only" in rep["verdict"]
+    md = (tmp_path / "analysis" / "report.md").read_text()
+    assert f"| LAG@{K} | {rep['winner']} | – | – | – | {4 * K} | {K} |" in md
     assert not (tmp_path / "analysis" / "regret.png").exists()
     assert not (tmp_path / "tb").exists()
 
@@ -220,13 +222,22 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_bad_options_exit_2(tmp_path, capsys):
     _make_run(tmp_path)
+    rc, io = _run([tmp_path, "--smoothing", "abc"], capsys)
+    assert rc == 2 and io.err.startswith("error: ") and io.err.count("\n") == 1
+    rc, io = _run(["--help"], capsys)
+    assert rc == 0 and "examples:" in io.out
     cand = tmp_path / "candidates" / EARLY / "report"
     for argv, word in [
         ([tmp_path, "--out", cand], "inside the candidates directory"),
+        ([tmp_path, "--tb-dir", cand], "--tb-dir"),
+        ([tmp_path, "--out", tmp_path / "no" / "such"], "does not exist"),
         ([tmp_path, "--replay", "sh:eta=1,r0=10,k=40"], "eta"),
         ([tmp_path, "--replay", "bogus:k=1"], "kind"),
         ([tmp_path, "--replay", "sh:x=1"], "keys"),
-        ([tmp_path, "--smoothing", "4"], "odd"),
+        ([tmp_path, "--smoothing", "4"], "--smoothing must be an odd"),
+        ([tmp_path, "--threshold", "1.5"], "--threshold"),
+        ([tmp_path, "--margin", "0.5"], "--margin"),
+        ([tmp_path, "--horizon", "-1"], "--horizon"),
     ]:
         rc, io = _run(argv, capsys)
         assert rc == 2 and word in io.err and io.err.startswith("error: "), (argv, io.err)
@@ -235,6 +246,8 @@ def test_bad_options_exit_2(tmp_path, capsys):
 
 def test_rerun_replaces_the_report_and_out_elsewhere(tmp_path, capsys):
     _make_run(tmp_path)
+    stale = tmp_path / ".analysis.partial-999999999-abcd"   # left by a killed run (no such pid)
+    stale.mkdir()
     assert _run([tmp_path, "--no-tensorboard"], capsys)[0] == 0
     first = json.loads((tmp_path / "analysis" / "report.json").read_text())
     assert _run([tmp_path, "--no-tensorboard", "--threshold", "0.5"], capsys)[0] == 0

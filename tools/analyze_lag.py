@@ -43,7 +43,7 @@ exit codes: 0 ok, 2 bad input (one line 'error: ...' on stderr, nothing written)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python tools/analyze_lag.py",
         description="Analyse a LAG run: correlation of early with final losses, self-correlation "
         "heatmap, recall@k, regret, a proposed k from the phase transition, and the paper's "
@@ -68,8 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other bad input
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2)
+        return int(done.code or 0)
     from lag_ds.select.phase import DEFAULT_MARGIN, DEFAULT_THRESHOLD
     from lag_ds.select.report import parse_replay
     from lag_ds.select.report_files import write_report

@@ -59,10 +59,10 @@ class KProposal:
         if self.transition is None:
             return (f"{self.rule}: the {what} never stays >= {self.threshold:g} in the data; "
                     "no k proposed")
-        tail = "" if self.covered else " (beyond the last evaluated step: the data do not cover it)"
+        where = ("rounded up to an evaluated step" if self.covered
+                 else "beyond the last evaluated step: the data do not cover the margin")
         return (f"{self.rule}: the {what} stays >= {self.threshold:g} from t={self.transition}; "
-                f"k = {self.margin:g} x {self.transition}, rounded up to an evaluated step "
-                f"= {self.k}{tail}")
+                f"k = {self.margin:g} x {self.transition} -> {self.k} ({where})")
 
 
 def _check(threshold: float, margin: float, *, where: str) -> None:

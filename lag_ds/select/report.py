@@ -220,6 +220,14 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
         check_replay(spec, k=k)
     if horizon is not None and horizon < 0:
         raise ValueError(f"--horizon must be >= 0, got {horizon}")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1 \
+            or smoothing % 2 == 0:
+        raise ValueError(f"--smoothing must be an odd integer >= 1 (centred window), "
+                         f"got {smoothing!r}")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [-1, 1], got {threshold}")
+    if not margin >= 1.0:
+        raise ValueError(f"--margin must be >= 1, got {margin}")
     table = loss_table(curves, base_step=base, smoothing_window=smoothing)
     left_out.update(table.excluded)
     raw = loss_table(curves, base_step=base)
@@ -284,6 +292,7 @@ def analyze_run(run_dir: str | Path, *, smoothing: int = 1, threshold: float = D
         "selection_smoothing_window": sel.smoothing_window,
         "analysis_smoothing_window": smoothing,
         "threshold": threshold, "margin": margin,
+        "num_raced": len(sel.ranking) + len(sel.excluded),
         "candidates": list(table.names),
         "left_out": dict(sorted(left_out.items())),
         "last_t": last_t,

@@ -53,9 +53,10 @@ def _table_md(rep: dict[str, Any]) -> str:
             "| Decided at t | Note |\n|---|---|---|---|---|---|---|---|\n")
     if rep["table"] is None:
         rows = [{"strategy": f"LAG@{rep['k']}", "pick": rep["winner"], "decided_at": rep["k"],
+                 "candidate_steps": rep["num_raced"] * rep["k"],
                  "note": "race-only: no final losses"},
                 {"strategy": "Best at initialization (LAG@0)", "pick": rep["lag0_winner"],
-                 "decided_at": 0}]
+                 "candidate_steps": 0, "decided_at": 0}]
         rows += [r for r in rep["replays"] if "error" not in r]
         rows = [{"strategy": r.get("strategy", r.get("policy")), **r} for r in rows]
     else:
@@ -210,6 +211,19 @@ def _write_tensorboard(tb_dir: Path, rep: dict[str, Any], images: dict[str, np.n
         writer.close()
 
 
+def _remove_stale(final: Path) -> None:
+    """Remove ``.<name>.partial-<pid>-*`` / ``.old-`` siblings left by killed runs."""
+    for kind in ("partial", "old"):
+        for stale in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = stale.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            try:
+                os.kill(int(pid), 0)
+            except (ValueError, ProcessLookupError):
+                shutil.rmtree(stale, ignore_errors=True)
+            except PermissionError:
+                pass  # alive, someone else's
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` onto ``final``, replacing an older ``final`` if present."""
     old = None
@@ -222,16 +236,16 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_out(out: Path, run_dir: Path) -> None:
+def _check_out(out: Path, run_dir: Path, *, option: str = "--out") -> None:
     cands = (run_dir / "candidates").resolve()
     res = out.resolve()
     if res == cands or cands in res.parents:
-        raise ValueError(f"--out {out}: inside the candidates directory {cands}; refusing to "
+        raise ValueError(f"{option} {out}: inside the candidates directory {cands}; refusing to "
                          "write there")
-    if not res.parent.is_dir():
-        raise ValueError(f"--out {out}: parent directory {res.parent} does not exist")
+    if option == "--out" and not res.parent.is_dir():
+        raise ValueError(f"{option} {out}: parent directory {res.parent} does not exist")
     if res.exists() and not res.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+        raise ValueError(f"{option} {out}: exists and is not a directory")
 
 
 def write_report(run_dir: str | Path, *, out: str | Path | None = None,
@@ -246,8 +260,13 @@ def write_report(run_dir: str | Path, *, out: str | Path | None = None,
     tb = Path(tb_dir) if tb_dir is not None else run_dir / "tb" / "analysis"
     if run_dir.is_dir():
         _check_out(out, run_dir)
+        if tensorboard:
+            _check_out(tb, run_dir, option="--tb-dir")
     rep = analyze_run(run_dir, smoothing=smoothing, threshold=threshold, margin=margin,
                       horizon=horizon, replays=replays)
+    _remove_stale(out)
+    if tensorboard and tb.parent.is_dir():
+        _remove_stale(tb)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     tb_tmp = tb.with_name(f".{tb.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
