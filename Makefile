@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test demo base-demo bench clean
+.PHONY: install test demo base-demo study bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ test: $(STAMP)
 # preset, 8 growth candidates raced 2 at a time, LAG@40, the winner promoted (launch_scripts/ul2_grow.sh).
 demo: $(STAMP)
 	PYTHON=$(PY) launch_scripts/ul2_grow.sh
+
+# The paper's analysis on this machine: 12 operators on the small preset (4 -> 6 layers: starts
+# 0, 1, 2 x blocks 1, 2 x duplicate/random, both "on top" baselines included), LAG@20 with every
+# step validated for the first 20 steps, then every candidate continued to step 220 (study mode),
+# then tools/analyze_lag.py. About 30 minutes on 2 cores; the report is runs/lag_study/analysis.
+STUDY_DIR ?= runs/lag_study
+study: $(STAMP)
+	OUT_DIR=$(STUDY_DIR) STUDY=1 BASE_STEPS=150 GROW_LAYERS=2 SPACE="starts0=0,1,2;blocks=1,2;inits=duplicate,random" \
+	LAG_STEPS=20 DENSE_EVAL_STEPS=20 EVAL_INTERVAL=10 TOTAL_STEPS=220 PYTHON=$(PY) launch_scripts/ul2_grow.sh
+	$(PY) tools/analyze_lag.py $(STUDY_DIR) --replay "sh:eta=3,r0=2,k=20" --replay "settle:tau=0.9,m=3,floor=2,cap=20"
+	$(PY) benchmarks/lag_cost.py $(STUDY_DIR) > $(STUDY_DIR)/analysis/cost.json
+	@echo "report: $(STUDY_DIR)/analysis/report.md"
 
 base-demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m lag_ds.train --config launch_scripts/configs/small_base.yaml

@@ -20,7 +20,10 @@
 # Under the deepspeed runner, the runner's resource flags define the allocation. The runner hands
 # this file to Python on every rank; the Python tail at the bottom makes rank 0 re-run it with bash
 # (ALLOCATION = the resources the runner resolved) and the other ranks exit 0 at once
-# (lag_ds/launch/script_entry.py). This file is a bash/Python polyglot: keep the shell part free
+# (lag_ds/launch/script_entry.py). On several nodes the runner's pdsh forwards no knobs: put them
+# in a script passed as `deepspeed --venv_script FILE ...` (sourced on every node), or pass flags
+# after the script name (`... launch_scripts/ul2_grow.sh --lag-steps 2000`).
+# This file is a bash/Python polyglot: keep the shell part free
 # of three single quotes in a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +44,12 @@ TOTAL_STEPS=${TOTAL_STEPS:-440}
 SLOTS_PER_SLICE=${SLOTS_PER_SLICE:-1}
 HANG_TIMEOUT=${HANG_TIMEOUT:-300}
 MAX_RETRIES=${MAX_RETRIES:-0}
+POLICY=${POLICY:-lag}                 # race policy: lag (LAG@k) | sh (successive halving) | settle
+SH_ETA=${SH_ETA:-3}                   # sh: keep the best 1/eta at each rung
+SH_MIN_STEPS=${SH_MIN_STEPS:-}        # sh: first rung (default LAG_STEPS / SH_ETA^2)
+STUDY=${STUDY:-0}                     # 1: every candidate continues to TOTAL_STEPS (tools/analyze_lag.py)
+DENSE_EVAL_STEPS=${DENSE_EVAL_STEPS:-0}  # validate every DENSE_EVAL_INTERVAL steps this long after growing
+DENSE_EVAL_INTERVAL=${DENSE_EVAL_INTERVAL:-1}
 if [ -n "${ALLOCATION:-}" ]; then
   :                                   # local:N | hostfile:PATH | include:HOST:IDS[@...] | slurm
 elif [ -n "${HOSTFILE:-}" ]; then
@@ -54,7 +63,10 @@ fi
 args=(--out-dir "$OUT_DIR" --train-config "$TRAIN_CONFIG" --grow-layers "$GROW_LAYERS" --space "$SPACE"
       --lag-steps "$LAG_STEPS" --eval-interval "$EVAL_INTERVAL" --smoothing-window "$SMOOTHING"
       --total-steps "$TOTAL_STEPS" --allocation "$ALLOCATION" --slots-per-slice "$SLOTS_PER_SLICE"
-      --hang-timeout-s "$HANG_TIMEOUT" --max-retries "$MAX_RETRIES")
+      --hang-timeout-s "$HANG_TIMEOUT" --max-retries "$MAX_RETRIES" --policy "$POLICY" --sh-eta "$SH_ETA"
+      --dense-eval-steps "$DENSE_EVAL_STEPS" --dense-eval-interval "$DENSE_EVAL_INTERVAL")
+if [ -n "$SH_MIN_STEPS" ]; then args+=(--sh-min-steps "$SH_MIN_STEPS"); fi
+if [ "$STUDY" = 1 ]; then args+=(--study); fi
 if [ -n "$BASE_CKPT" ]; then args+=(--base-checkpoint "$BASE_CKPT"); else args+=(--base-steps "$BASE_STEPS"); fi
 
 exec "$PYTHON" -m lag_ds.stacking "${args[@]}" "$@"

@@ -189,7 +189,7 @@ def test_output_says_what_each_phase_does_and_how_long_it_took(lag_run):
     assert [p.split()[0] for p in line[len("wall time: "):].split("; ")[0].split(", ")] == [
         "base", "candidates", "race", "promotion"]
     assert f"[lag] base: pretraining {BASE_STEPS} steps on 2 slot(s)" in err
-    assert "[lag] race: 4 candidates x 4 steps on 2 slice(s) of 1 slot(s)" in err
+    assert "[lag] race: 4 candidates, LAG@4, on 2 slice(s) of 1 slot(s)" in err
     assert "[lag] estimated: race ~" in err  # from the base run's measured speed
     # The trainer's status lines reach the job's log (what the progress display shows).
     log = (lag_run["out"] / "base/launcher.log").read_text()

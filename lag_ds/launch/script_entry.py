@@ -90,7 +90,8 @@ def resolve(env: Mapping[str, str], parent_argv: Sequence[str]) -> tuple[int, st
         return int(env["SLURM_PROCID"]), "slurm"
     raise ValueError("this launch script was started by Python, but not by the deepspeed runner "
                      "(no deepspeed.launcher.launch parent, no SLURM_PROCID); run it with bash "
-                     "(`launch_scripts/X.sh`) or with `deepspeed [resource flags] launch_scripts/X.sh`")
+                     "(`launch_scripts/X.sh`) or with "
+                     "`deepspeed [resource flags] launch_scripts/X.sh`")
 
 
 def main(script: str, argv: Sequence[str]) -> int:

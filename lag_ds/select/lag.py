@@ -104,15 +104,20 @@ def select_lag(
     base_step: int,
     smoothing_window: int = 1,
     failed: Mapping[str, str] | None = None,
+    stopped: Mapping[str, str] | None = None,
 ) -> Selection:
     """Rank candidates by (smoothed) validation loss at ``base_step + k``; lowest wins.
 
     ``curves`` maps candidate name to its validation curve (global steps); ``failed`` maps
     candidates the launcher marked failed to the launcher's reason -- they are never ranked, even
     if their curve looks fine, since their run did not complete the k steps as specified.
+    ``stopped`` maps candidates a race policy stopped early (successive halving) to why: they
+    are not ranked at ``k`` either, but LAG@0 still considers them (they had a loss right after
+    growing like everybody else).
     Raises :class:`NoEligibleCandidate` if nothing is left to rank.
     """
     failed = dict(failed or {})
+    stopped = dict(stopped or {})
     if k < 0:
         raise ValueError(f"select_lag: k must be >= 0, got {k}")
     if smoothing_window < 1:
@@ -124,7 +129,7 @@ def select_lag(
             raise ValueError(f"select_lag: curves[{name!r}] is named {curve.name!r}")
 
     step = base_step + k
-    names = sorted(set(curves) | set(failed))
+    names = sorted(set(curves) | set(failed) | set(stopped))
     excluded: dict[str, str] = {}
     scored: list[tuple[float, str]] = []
     lag0: dict[str, float | None] = {}
@@ -136,6 +141,9 @@ def select_lag(
             lag0[name] = None
         if name in failed:
             excluded[name] = f"failed: {failed[name]}"
+            continue
+        if name in stopped:
+            excluded[name] = f"stopped: {stopped[name]}"
             continue
         reason = _exclusion_reason(curve, step=step)
         if reason is not None:

@@ -27,13 +27,28 @@ HELP = {
     "hang_timeout_s": "a job with no progress for this long is killed and marked failed",
     "max_retries": "retries of a crashed or hung candidate",
     "base_port": "first master port; each concurrent job gets its own",
+    "policy": "race policy: lag (LAG@k) | sh (successive halving up to k) | settle (stop when "
+              "the ranking settles, at most k)",
+    "sh_eta": "SH: keep the best ceil(n/eta) at each rung",
+    "sh_min_steps": "SH: first rung r0; rungs r0, eta*r0, ... < k, then k (default k // eta**2)",
+    "settle_tau": "settle: Spearman threshold between consecutive evaluations",
+    "settle_m": "settle: consecutive evaluation pairs that must reach tau",
+    "settle_floor": "settle: earliest step since growing it may stop at (default: one chunk)",
+    "settle_chunk": "settle: steps per round between checks (default k // 4)",
+    "study": "study mode: every candidate continues to --total-steps (for tools/analyze_lag.py)",
+    "dense_eval_steps": "validate every --dense-eval-interval steps for this many steps after "
+                        "growing (0: off)",
+    "dense_eval_interval": "validation interval right after growing",
 }
+OPTIONAL_INT = {"base_steps", "sh_min_steps", "settle_floor", "settle_chunk"}
 
 EPILOG = """examples:
   python -m lag_ds.stacking                                   # CPU demo (small preset, demo corpus, local:2)
   python -m lag_ds.stacking --base-checkpoint runs/ul2_1.1b_base/checkpoints \\
       --train-config launch_scripts/configs/ul2_1.1b_base.yaml --grow-layers 4 --space paper \\
       --lag-steps 2000 --total-steps 400000 --allocation hostfile:/job/hostfile --slots-per-slice 8
+  python -m lag_ds.stacking --policy sh --sh-eta 3 --sh-min-steps 5   # successive halving to k
+  python -m lag_ds.stacking --study --dense-eval-steps 20             # every candidate to the end
 Re-running the same command resumes (finished candidates are not rerun; the winner is the same)."""
 
 
@@ -48,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default
         if f.name == "train_overrides":
             p.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=HELP[f.name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "base_steps":
+            if f.name in OPTIONAL_INT:
                 kind = int
             p.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
     return p

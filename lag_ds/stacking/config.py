@@ -46,10 +46,43 @@ class LagRunConfig:
     hang_timeout_s: float = 300.0
     max_retries: int = 0
     base_port: int = 29600
+    policy: str = "lag"
+    """Race policy: ``lag`` (LAG@k), ``sh`` (successive halving up to k) or ``settle`` (stop when
+    the candidates' ranking has settled, at most k); see ``lag_ds.stacking.race``."""
+    sh_eta: int = 3
+    """SH: keep the best ceil(n/eta) candidates at each rung."""
+    sh_min_steps: int | None = None
+    """SH: first rung r0 (rungs r0, eta*r0, ... < k, then k); default k // eta**2."""
+    settle_tau: float = 0.9
+    """settle: Spearman threshold between consecutive evaluations."""
+    settle_m: int = 3
+    """settle: consecutive pairs of evaluations that must reach tau."""
+    settle_floor: int | None = None
+    """settle: earliest step since growing it may stop at (default: one chunk)."""
+    settle_chunk: int | None = None
+    """settle: steps per round between checks (default k // 4); each round restarts the jobs."""
+    study: bool = False
+    """Study mode: after the decision every candidate continues to ``total_steps`` on its slice
+    (ground truth for ``tools/analyze_lag.py``); the winner's study run is the promoted run."""
+    dense_eval_steps: int = 0
+    """Validate every ``dense_eval_interval`` steps for this many steps after growing (the paper
+    reads the first 200 steps one by one); 0 = only every ``eval_interval``."""
+    dense_eval_interval: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("grow_layers", "lag_steps", "eval_interval", "smoothing_window", "slots_per_slice", "total_steps"):
+        for name in ("grow_layers", "lag_steps", "eval_interval", "smoothing_window",
+                     "slots_per_slice", "total_steps", "dense_eval_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dense_eval_steps < 0:
+            raise ValueError(f"dense_eval_steps must be >= 0, got {self.dense_eval_steps}")
         if self.optimizer_state not in ("copy", "zero"):
             raise ValueError(f"optimizer_state must be copy or zero, got {self.optimizer_state!r}")
+        self.race_policy()  # validates the policy's fields now, before any job
+
+    def race_policy(self):
+        from lag_ds.stacking.race import RacePolicy
+
+        return RacePolicy(name=self.policy, k=self.lag_steps, eta=self.sh_eta,
+                          min_steps=self.sh_min_steps, tau=self.settle_tau, m=self.settle_m,
+                          floor=self.settle_floor, chunk=self.settle_chunk)
