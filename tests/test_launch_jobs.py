@@ -38,8 +38,9 @@ def test_local_deepspeed_command(job):
         "--include", "localhost:2,3", "--master_port", "29501", "train.py", "--k", "200"]
     env = build_env(job, s, master_port=29501, base_env={"PATH": "/bin"})
     # The CPU accelerator sizes localhost from LOCAL_SIZE; slot 3 needs at least 4.
+    # Ranks dump their stacks on SIGUSR1 into the run directory (diagnose.py).
     assert env == {"PATH": "/bin", "GLOO_SOCKET_IFNAME": "eth0", "PYTHONUNBUFFERED": "1",
-                   "LOCAL_SIZE": "4"}
+                   "LOCAL_SIZE": "4", "LAG_DS_STACK_DUMP_DIR": str(job.run_dir)}
 
 
 def test_module_job(tmp_path):

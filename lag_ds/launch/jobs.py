@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 from lag_ds.launch.allocation import Slice
+from lag_ds.launch.diagnose import STACK_DUMP_DIR_ENV
 
 Launcher = Literal["deepspeed", "direct"]
 LAUNCHERS: tuple[str, ...] = ("deepspeed", "direct")
@@ -157,6 +158,7 @@ def build_env(job: JobSpec, slice_: Slice, *, master_port: int, launcher: Launch
     env = dict(os.environ if base_env is None else base_env)
     env.update(job.env)
     env["PYTHONUNBUFFERED"] = "1"  # launcher.log should show output as it happens
+    env[STACK_DUMP_DIR_ENV] = str(job.run_dir.resolve())  # where ranks dump stacks on SIGUSR1
     if launcher == "direct":
         ((_, (slot,)),) = slice_.parts
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
@@ -170,7 +172,8 @@ def build_env(job: JobSpec, slice_: Slice, *, master_port: int, launcher: Launch
 def remote_env_text(job: JobSpec) -> str:
     """Shell text exporting ``job.env``, sourced on each host of a multi-host launch."""
     lines = ["# written by lag_ds.launch for job " + job.name]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items())]
+    exported = {**job.env, STACK_DUMP_DIR_ENV: str(job.run_dir.resolve())}
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(exported.items())]
     return "\n".join(lines) + "\n"
 
 
