@@ -14,7 +14,7 @@ import fake_trainer as ft
 import pytest
 from test_launch_jit_build import hold_lock, kill
 
-from lag_ds.launch import Allocation, Journal, JobSpec, run_jobs
+from lag_ds.launch import Allocation, JobSpec, Journal, run_jobs
 from lag_ds.launch.diagnose import hang_hint, summarize_stack
 
 
