@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(), "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "local_rank": os.environ.get("LOCAL_RANK"), "local_rank_arg": args.local_rank,
         "master_port": os.environ.get("MASTER_PORT"), "time": time.time(),
-        "env_probe": os.environ.get("FAKE_PROBE")})
+        "env_probe": os.environ.get("FAKE_PROBE"), "host": socket.gethostname(),
+        "master_addr": os.environ.get("MASTER_ADDR"), "local_size": os.environ.get("LOCAL_SIZE"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     fail_at = args.steps // 2 if args.fail_at is None else args.fail_at
     if args.only_first_launch and len(launches(run_dir, rank)) > 1:
         args.mode = "ok"

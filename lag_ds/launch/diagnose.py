@@ -4,9 +4,10 @@ Before the supervisor kills a job for making no progress it asks the ranks for t
 the trainer registers ``faulthandler`` on ``SIGUSR1`` (:func:`register_stack_dump`, called first
 thing in ``lag_ds.train.main``), writing every thread's stack to
 ``$LAG_DS_STACK_DUMP_DIR/stack-rank<R>.txt``; the launcher sets that variable to the job's run
-directory.  SIGUSR1 goes only to processes of the job's group that *catch* it (``SigCgt`` in
-``/proc/<pid>/status``) -- to the shell wrapper or the DeepSpeed runner its default action would
-be to terminate, losing the exit status.  ``srun`` catches it and forwards it to its tasks.
+directory.  SIGUSR1 goes only to processes of the job's group that catch, block or ignore it
+(``SigCgt``/``SigBlk``/``SigIgn`` in ``/proc/<pid>/status``) -- to the shell wrapper or the
+DeepSpeed runner its default action would be to terminate, losing the exit status.  ``srun``
+blocks it and takes it with ``sigwait`` in its signal thread, forwarding it to the step's tasks.
 
 :func:`summarize_stack` reads a dump and names the wait: a JIT-build lock (``FileBaton.wait``), a
 collective (``torch.distributed``), checkpoint I/O, or else the innermost frame of the main
@@ -64,9 +65,10 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def catches(pid: int, signum: int) -> bool:
-    """Whether ``pid`` has a handler installed for ``signum``."""
-    mask = _status(pid).get("SigCgt")
-    return mask is not None and bool(int(mask, 16) >> (signum - 1) & 1)
+    """Whether ``signum`` would not kill ``pid``: it has a handler, blocks or ignores it."""
+    status = _status(pid)
+    masks = [status.get(k) for k in ("SigCgt", "SigBlk", "SigIgn")]
+    return any(m is not None and int(m, 16) >> (signum - 1) & 1 for m in masks)
 
 
 def is_stopped(pid: int) -> bool:
