@@ -54,7 +54,7 @@ def test_job_killed_holding_the_build_lock_does_not_stall_the_others(tmp_path, j
     t0 = time.monotonic()
     results = _run(jobs, journal_path, hang_timeout_s=20.0)
     assert {n: (r.state, r.reason) for n, r in results.items()} == {
-        "dies": ("failed", "exit code 137"), "waits": ("finished", ""), "next": ("finished", "")}
+        "dies": ("failed", "exit code 137 (SIGKILL)"), "waits": ("finished", ""), "next": ("finished", "")}
     assert time.monotonic() - t0 < 15  # nobody sat out a hang timeout
     assert not lock.exists()
     assert f"removed stale JIT-build lock {lock} (no process holds it" in capfd.readouterr().err
@@ -159,3 +159,30 @@ def test_trainer_main_registers_the_stack_dump(tmp_path):
                      (tmp_path / "stack-rank3.txt").read_text())
     main_src = (ft.HERE.parents[1] / "lag_ds" / "train" / "main.py").read_text()
     assert "register_stack_dump()" in main_src.split("args = parse_args(argv)")[0]
+
+
+def test_crash_reasons_name_the_signal_and_the_last_error_line(tmp_path):
+    from lag_ds.launch.diagnose import last_error_line
+    from lag_ds.launch.supervisor import _Supervisor
+    from lag_ds.launch.watch import MetricsWatcher
+
+    log = tmp_path / "launcher.log"
+    log.write_text("=== lag_ds.launch 2026-01-01 00:00:00: old attempt\n"
+                   "ValueError: from the previous attempt\n"
+                   "=== lag_ds.launch 2026-01-01 00:01:00: python train.py\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "x.py", line 1, in <module>\n'
+                   "NotADirectoryError: [Errno 20] Not a directory: '/r/checkpoints/global_step4'\n"
+                   "[2026] [INFO] [launch.py:100:main] Process 12 exits successfully.\n")
+    assert last_error_line(log) == ("NotADirectoryError: [Errno 20] Not a directory: "
+                                    "'/r/checkpoints/global_step4'")
+    watcher = MetricsWatcher(tmp_path / "metrics.jsonl")
+    assert _Supervisor._judge_exit(1, watcher, log) == (
+        "failed", "exit code 1: NotADirectoryError: [Errno 20] Not a directory: "
+        "'/r/checkpoints/global_step4'", True)
+    log.write_text("=== lag_ds.launch 2026-01-01 00:01:00: x\nfake_trainer: crashing\n"
+                   "10.77.0.2: RuntimeError: Connection closed by peer\n")
+    assert last_error_line(log) == "RuntimeError: Connection closed by peer"
+    log.write_text("=== lag_ds.launch 2026-01-01 00:01:00: x\nfake_trainer: crashing at step 3\n")
+    assert last_error_line(log) is None
+    assert _Supervisor._judge_exit(137, watcher, log)[1] == "exit code 137 (SIGKILL)"

@@ -128,8 +128,10 @@ def summarize_stack(text: str) -> str | None:
         return LOCK_WAIT
     for frames in threads:
         for file, _, func in frames:
-            if "torch/distributed" in file and not func.startswith("_"):
+            if "torch/distributed" in file and not func.startswith("_") and func != "wrapper":
                 return f"in a collective (torch.distributed {func})"
+            if "deepspeed/comm" in file and not func.startswith("_"):
+                return f"in a collective (deepspeed.comm {func})"
     for frames in threads:
         for file, _, func in frames:
             if file.endswith("torch/serialization.py") or "checkpoint" in func:
@@ -176,6 +178,30 @@ def hang_hint(dumps: dict[str, str], *, stopped: Sequence[str] = (), signalled: 
     elif not stopped:
         parts.append("no stack dump came back")
     return "; ".join(parts)
+
+
+_ERROR_LINE = re.compile(r"(?:^|:\s)((?:[A-Za-z_][\w.]*(?:Error|Exception)|error)(?::\s.*)?)$")
+_LAUNCH_HEADER = "=== lag_ds.launch 2"  # written by process.spawn at each launch
+
+
+def last_error_line(log_path: Path, *, max_bytes: int = 65536,
+                    max_chars: int = 200) -> str | None:
+    """The last line of the latest attempt in ``launcher.log`` that reads like an error
+    (``SomeError: ...``, ``error: ...``, also behind a ``host: `` or ``[rank1]: `` prefix)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(_LAUNCH_HEADER)]
+    for line in reversed(lines[starts[-1] if starts else 0:]):
+        m = _ERROR_LINE.search(line.strip())
+        if m and not line.startswith("=== lag_ds.launch"):
+            found = m[1]
+            return found if len(found) <= max_chars else found[:max_chars - 3] + "..."
+    return None
 
 
 def log_dumps(log_path: Path, header: str, dumps: dict[str, str]) -> None:

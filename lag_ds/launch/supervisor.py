@@ -187,7 +187,8 @@ class _Supervisor:
                 if code is not None:  # it ended while nobody watched
                     watcher = MetricsWatcher(job.metrics_path)
                     bad = self._read_metrics(watcher)
-                    verdict = ("failed", bad, False) if bad else self._judge_exit(code, watcher)
+                    verdict = (("failed", bad, False) if bad
+                               else self._judge_exit(code, watcher, job.log_path))
                     self._conclude(job, rec.attempt, *verdict, code)
                 else:
                     reason = "restart: process gone without a recorded end"
@@ -257,8 +258,14 @@ class _Supervisor:
         return None
 
     @staticmethod
-    def _judge_exit(code: int | None, watcher: MetricsWatcher) -> tuple[str, str, bool]:
-        """(state, reason, retryable) for a job that ended on its own."""
+    def _judge_exit(code: int | None, watcher: MetricsWatcher,
+                    log_path: Path | None = None) -> tuple[str, str, bool]:
+        """(state, reason, retryable) for a job that ended on its own.
+
+        A crash's reason names a signal (the wrapper's shell reports 128 + N) and ends with the
+        last error line of this attempt's ``launcher.log`` (e.g. the exception of a failed
+        checkpoint save), so that a failure can be told apart without opening the log.
+        """
         if code == 0 and watcher.non_finite is None:
             return "finished", "", False
         if code == NON_FINITE_EXIT_CODE:
@@ -269,7 +276,14 @@ class _Supervisor:
             return "failed", "ended without an exit status", True
         if code < 0:
             return "failed", f"killed by signal {-code}", True
-        return "failed", f"exit code {code}", True
+        reason = f"exit code {code}"
+        if 128 < code <= 128 + 64:
+            try:
+                reason += f" ({signal.Signals(code - 128).name})"
+            except ValueError:
+                pass
+        error = diagnose.last_error_line(log_path) if log_path is not None else None
+        return "failed", reason + (f": {error}" if error else ""), True
 
     def _stop(self, a: _Active, reason: str, *, retryable: bool) -> None:
         a.stop_reason, a.stop_retryable = reason, retryable
@@ -361,7 +375,8 @@ class _Supervisor:
         if a.stop_reason is not None:
             self._conclude(a.job, a.attempt, "failed", a.stop_reason, a.stop_retryable, code)
         else:
-            self._conclude(a.job, a.attempt, *self._judge_exit(code, a.watcher), code)
+            self._conclude(a.job, a.attempt, *self._judge_exit(code, a.watcher, a.job.log_path),
+                           code)
 
     def _conclude(self, job: JobSpec, attempt: int, state: str, reason: str, retryable: bool,
                   code: int | None) -> None:
