@@ -10,7 +10,13 @@ resuming from its own checkpoint after a restart.
 
 Modes: ``ok``; ``crash`` (exit 1 at --fail-at); ``hang`` (stop writing and sleep at --fail-at);
 ``nan`` (losses become NaN at --fail-at and it keeps going -- the supervisor must stop it);
-``nan-exit`` (exits 3 at --fail-at, as the trainer does on a non-finite loss).
+``nan-exit`` (exits 3 at --fail-at, as the trainer does on a non-finite loss);
+``jit-lock`` (at --fail-at, takes torch's JIT-build lock ``$TORCH_EXTENSIONS_DIR/fake_op/lock``
+with torch's own ``FileBaton`` -- or waits on it, as every DeepSpeed rank does when it loads an op
+-- holds it ``--lock-hold`` s, then goes on); ``die-holding-lock`` (takes that lock at --fail-at
+and SIGKILLs itself, leaving a stale lock).  ``--lock-delay`` sleeps before taking the lock.
+
+Like the trainer, it dumps its stacks on SIGUSR1 to ``$LAG_DS_STACK_DUMP_DIR/stack-rank<R>.txt``.
 
 Usable from tests via :func:`job` (builds a ``JobSpec`` that runs this file).
 """
@@ -21,11 +27,43 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+MODES = ["ok", "crash", "hang", "nan", "nan-exit", "jit-lock", "die-holding-lock"]
+
+
+def file_baton_class():
+    """torch's ``FileBaton``, loaded from its file without importing torch (which takes ~2 s)."""
+    import importlib.util
+
+    torch_dir = Path(importlib.util.find_spec("torch").origin).parent
+    spec = importlib.util.spec_from_file_location("torch_file_baton",
+                                                  torch_dir / "utils" / "file_baton.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FileBaton
+
+
+def build_lock_path() -> Path:
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fake_op" / "lock"
+
+
+def take_build_lock(*, hold_s: float, die: bool) -> None:
+    """What ``torch.utils.cpp_extension._jit_compile`` does around a build."""
+    lock = build_lock_path()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    baton = file_baton_class()(str(lock))
+    if baton.try_acquire():
+        if die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(hold_s)
+        baton.release()
+    else:
+        baton.wait()
 
 
 def _append(path: Path, record: dict) -> None:
@@ -43,13 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep-per-step", type=float, default=0.0)
     p.add_argument("--loss0", type=float, default=3.0)
     p.add_argument("--loss-slope", type=float, default=0.01)
-    p.add_argument("--mode", choices=["ok", "crash", "hang", "nan", "nan-exit"], default="ok")
+    p.add_argument("--mode", choices=MODES, default="ok")
     p.add_argument("--fail-at", type=int, default=None, help="steps done when the mode kicks in")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--lock-hold", type=float, default=0.0)
+    p.add_argument("--lock-delay", type=float, default=0.0)
     p.add_argument("--only-first-launch", action="store_true",
                    help="apply --mode only on the first launch (a transient failure)")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
     args = p.parse_args(argv)
+    sys.path.insert(0, str(HERE.parents[1]))
+    from lag_ds.launch.diagnose import register_stack_dump
+
+    register_stack_dump()
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rank = int(os.environ.get("RANK", "0"))
@@ -59,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(), "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "local_rank": os.environ.get("LOCAL_RANK"), "local_rank_arg": args.local_rank,
         "master_port": os.environ.get("MASTER_PORT"), "time": time.time(),
-        "env_probe": os.environ.get("FAKE_PROBE")})
+        "env_probe": os.environ.get("FAKE_PROBE"), "host": socket.gethostname(),
+        "master_addr": os.environ.get("MASTER_ADDR"), "local_size": os.environ.get("LOCAL_SIZE"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     fail_at = args.steps // 2 if args.fail_at is None else args.fail_at
     if args.only_first_launch and len(launches(run_dir, rank)) > 1:
         args.mode = "ok"
@@ -86,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if args.mode == "hang":
                 time.sleep(3600)
+            if args.mode in ("jit-lock", "die-holding-lock"):
+                time.sleep(args.lock_delay)
+                take_build_lock(hold_s=args.lock_hold, die=args.mode == "die-holding-lock")
             if args.mode == "nan-exit":  # the trainer's own check fired before logging
                 print(f"fake_trainer: non-finite loss at step {start + done}", file=sys.stderr)
                 return 3

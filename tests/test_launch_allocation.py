@@ -1,8 +1,11 @@
 """Allocations: hostfiles, SLURM nodelists, and tiling into slices."""
 
+import re
+
 import pytest
 
 from lag_ds.launch import Allocation, Host, expand_nodelist
+from lag_ds.launch.allocation import parse_tasks_per_node
 
 
 def test_hostfile_parse_with_comments_and_blank_lines(tmp_path):
@@ -69,10 +72,52 @@ def test_from_slurm():
     assert [h.slots for h in Allocation.from_slurm(env).hosts] == [2, 2, 2]
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST is not set"):
         Allocation.from_slurm({})
-    with pytest.raises(ValueError, match="neither SLURM_GPUS_ON_NODE"):
+    with pytest.raises(ValueError, match="none of SLURM_GPUS_ON_NODE, SLURM_JOB_GPUS"):
         Allocation.from_slurm({"SLURM_JOB_NODELIST": "n1"})
-    with pytest.raises(ValueError, match="not a slot count"):
+    with pytest.raises(ValueError, match="not a GPU count"):
         Allocation.from_slurm({"SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "4(x2)"})
+
+
+def _slots(**env):
+    return [(h.name, h.slots) for h in Allocation.from_slurm(env).hosts]
+
+
+def test_from_slurm_what_slurm_really_sets():
+    # `sbatch -N2 -n4` (no --ntasks-per-node): only SLURM_TASKS_PER_NODE (seen on slurm-wlm 22.05)
+    assert _slots(SLURM_JOB_NODELIST="slurmn[1-2]", SLURM_JOB_NUM_NODES="2",
+                  SLURM_TASKS_PER_NODE="2(x2)", SLURM_CPUS_ON_NODE="2") == [
+        ("slurmn1", 2), ("slurmn2", 2)]
+    # `sbatch -N4 -n7`: uneven
+    assert _slots(SLURM_JOB_NODELIST="n[01-04]", SLURM_TASKS_PER_NODE="2(x3),1") == [
+        ("n01", 2), ("n02", 2), ("n03", 2), ("n04", 1)]
+    assert _slots(SLURM_JOB_NODELIST="a,b[1-2]", SLURM_TASKS_PER_NODE="3,1(x2)") == [
+        ("a", 3), ("b1", 1), ("b2", 1)]
+    # --ntasks-per-node wins over the compressed list
+    assert _slots(SLURM_JOB_NODELIST="n[1-2]", SLURM_NTASKS_PER_NODE="1",
+                  SLURM_TASKS_PER_NODE="1(x2)") == [("n1", 1), ("n2", 1)]
+    # GPUs: one rank per GPU, whichever variable says how many
+    tasks = dict(SLURM_JOB_NODELIST="g[1-2]", SLURM_TASKS_PER_NODE="1(x2)")
+    assert _slots(**tasks, SLURM_GPUS_ON_NODE="4") == [("g1", 4), ("g2", 4)]
+    assert _slots(**tasks, SLURM_JOB_GPUS="0,1,2") == [("g1", 3), ("g2", 3)]
+    assert _slots(**tasks, SLURM_JOB_GPUS="0-3,6") == [("g1", 5), ("g2", 5)]
+    assert _slots(**tasks, CUDA_VISIBLE_DEVICES="GPU-aa,GPU-bb") == [("g1", 2), ("g2", 2)]
+    assert _slots(**tasks, CUDA_VISIBLE_DEVICES="NoDevFiles") == [("g1", 1), ("g2", 1)]
+    assert _slots(**tasks, SLURM_GPUS_ON_NODE="0") == [("g1", 1), ("g2", 1)]
+    assert parse_tasks_per_node("16") == [16]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(SLURM_TASKS_PER_NODE="2(x2)", SLURM_JOB_NODELIST="n[1-3]"),
+     "gives 2 nodes, the nodelist has 3"),
+    (dict(SLURM_TASKS_PER_NODE="2(y2)", SLURM_JOB_NODELIST="n1"), "expected counts like"),
+    (dict(SLURM_TASKS_PER_NODE="0", SLURM_JOB_NODELIST="n1"), "gives a node no task"),
+    (dict(SLURM_NTASKS_PER_NODE="x", SLURM_JOB_NODELIST="n1"), "not a task count"),
+    (dict(SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_NUM_NODES="3"),
+     "SLURM_JOB_NUM_NODES='3' but"),
+])
+def test_from_slurm_refuses_what_does_not_add_up(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Allocation.from_slurm(env)
 
 
 def test_split_within_hosts():

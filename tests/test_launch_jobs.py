@@ -38,8 +38,9 @@ def test_local_deepspeed_command(job):
         "--include", "localhost:2,3", "--master_port", "29501", "train.py", "--k", "200"]
     env = build_env(job, s, master_port=29501, base_env={"PATH": "/bin"})
     # The CPU accelerator sizes localhost from LOCAL_SIZE; slot 3 needs at least 4.
+    # Ranks dump their stacks on SIGUSR1 into the run directory (diagnose.py).
     assert env == {"PATH": "/bin", "GLOO_SOCKET_IFNAME": "eth0", "PYTHONUNBUFFERED": "1",
-                   "LOCAL_SIZE": "4"}
+                   "LOCAL_SIZE": "4", "LAG_DS_STACK_DUMP_DIR": str(job.run_dir)}
 
 
 def test_module_job(tmp_path):
@@ -124,3 +125,47 @@ def test_pick_port_skips_used_and_bound_ports():
     with pytest.raises(ValueError, match="no free port"):
         pick_port(base_port=29500, offset=0, stride=1, in_use=set(range(29500, 29510)),
                   max_tries=10)
+
+
+def test_srun_step_command_and_env(job):
+    from lag_ds.launch import Host
+
+    alloc = Allocation((Host(name="n1", slots=4), Host(name="n2", slots=4)))
+    part = alloc.split(2)[1]  # n1:2,3
+    argv = build_command(job, part, master_port=29600, launcher="srun")
+    assert argv[:9] == ["srun", "--overlap", "--job-name=cand-0", "--nodes=1", "--ntasks=2",
+                        "--ntasks-per-node=2", "--nodelist=n1", "--kill-on-bad-exit=1",
+                        "--export=ALL"]
+    assert argv[-5:] == [sys.executable, "-u", "train.py", "--k", "200"]
+    env = build_env(job, part, master_port=29600, launcher="srun",
+                    base_env={"PATH": "/bin", "RANK": "7", "SLURM_JOB_ID": "5"})
+    assert {k: env.get(k) for k in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE",
+                                    "LAG_DS_SLOTS", "SLURM_JOB_ID")} == {
+        "RANK": None, "MASTER_ADDR": "n1", "MASTER_PORT": "29600", "LOCAL_SIZE": "2",
+        "LAG_DS_SLOTS": "2,3", "SLURM_JOB_ID": "5"}
+    wide = alloc.split(8)[0]
+    assert build_command(job, wide, master_port=1, launcher="srun")[3:7] == [
+        "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--nodelist=n1,n2"]
+    with pytest.raises(ValueError, match="'srun' needs SLURM node names"):
+        build_command(job, Allocation.local(2).split(1)[0], master_port=1, launcher="srun")
+    uneven = Allocation((Host(name="a", slots=2), Host(name="b", slots=1))).split(3)[0]
+    with pytest.raises(ValueError, match="same number of slots on each node"):
+        build_command(job, uneven, master_port=1, launcher="srun")
+
+
+def test_srun_rank_shim_sets_ranks_and_narrows_gpus(job):
+    """The per-task shim, run as srun would run it (SLURM_* set per task)."""
+    from lag_ds.launch import Host
+
+    part = Allocation((Host(name="n1", slots=4),)).split(2)[1]
+    argv = build_command(job, part, master_port=1, launcher="srun")
+    shim = argv[argv.index("/bin/sh"):-5]
+    probe = ["sh", "-c", 'echo "$RANK $LOCAL_RANK $WORLD_SIZE $CUDA_VISIBLE_DEVICES"']
+    env = build_env(job, part, master_port=1, launcher="srun", base_env={"PATH": "/bin:/usr/bin"})
+    env.update(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_STEP_NUM_TASKS="4",
+               CUDA_VISIBLE_DEVICES="4,5,6,7")  # the job's GPUs as SLURM exposes them
+    out = subprocess.run(shim + probe, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "1", "4", "6,7"]  # slots 2,3 of the node's visible GPUs
+    del env["CUDA_VISIBLE_DEVICES"]  # a CPU node: nothing to narrow
+    out = subprocess.run(shim + probe, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "1", "4"]

@@ -5,6 +5,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import signal
 import time
 
@@ -93,6 +94,10 @@ def test_crash_hang_nan_fail_with_reasons_while_siblings_finish(tmp_path, journa
     ]
     results = _run(jobs, journal_path, hang_timeout_s=1.5, max_retries=0)
     got = {n: (r.state, r.reason) for n, r in results.items()}
+    # the hang's reason says where the rank was stuck (its stack, dumped before the kill)
+    assert re.fullmatch(r"hung: no progress for 1\.5s; rank 0 at fake_trainer\.py:\d+ in main; "
+                        r"stacks in .*/hang/stack-rank\*\.txt", got["hang"][1]), got["hang"]
+    got["hang"] = (got["hang"][0], got["hang"][1].split(";")[0])
     assert got == {
         "ok_a": ("finished", ""),
         "crash": ("failed", "exit code 1"),
@@ -115,7 +120,7 @@ def test_hang_ignoring_sigterm_gets_its_grace_then_sigkill(tmp_path, journal_pat
     t0 = time.monotonic()
     results = _run(jobs, journal_path, hang_timeout_s=0.5, kill_grace_s=1.0)
     elapsed = time.monotonic() - t0
-    assert (results["stubborn"].state, results["stubborn"].reason) == (
+    assert (results["stubborn"].state, results["stubborn"].reason.split(";")[0]) == (
         "failed", "hung: no progress for 0.5s")
     # The wrapper died of SIGTERM at once, but the trainer (ignoring it) had its full grace
     # period before the SIGKILL, and is gone now.

@@ -5,6 +5,7 @@ read back is ``metrics.jsonl``.  Entry point: :func:`run_jobs`.
 """
 
 from lag_ds.launch.allocation import LOCALHOST, Allocation, Host, Slice, expand_nodelist
+from lag_ds.launch.jit_build import PreparedOps, clear_stale_locks, prepare_deepspeed_ops
 from lag_ds.launch.jobs import (
     DEEPSPEED_RUNNER,
     DEFAULT_BASE_PORT,
@@ -29,4 +30,5 @@ __all__ = [
     "ProgressReporter", "ProgressRow", "format_table",
     "NON_FINITE_EXIT_CODE", "JobResult", "run_jobs",
     "MetricsWatcher",
+    "PreparedOps", "clear_stale_locks", "prepare_deepspeed_ops",
 ]

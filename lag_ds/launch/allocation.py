@@ -13,7 +13,8 @@ Why the tiling rules are strict:
   (and hang timeouts) depend on their neighbours.
 
 Sources: a local box, a DeepSpeed/MPI hostfile (``worker-0 slots=4``), or a SLURM job's
-environment.  The SLURM nodelist is expanded here (``node[01-03,07],gpu5``) rather than by
+environment (nodes from ``SLURM_JOB_NODELIST``; slots from the GPUs SLURM gave the job, else from
+its tasks per node, ``SLURM_TASKS_PER_NODE=2(x3),1`` included -- see :func:`slurm_slots`).  The SLURM nodelist is expanded here (``node[01-03,07],gpu5``) rather than by
 ``scontrol`` so that the launcher runs, and is tested, without SLURM installed.
 
 Example::
@@ -149,22 +150,24 @@ class Allocation:
 
     @classmethod
     def from_slurm(cls, env: Mapping[str, str] | None = None) -> "Allocation":
-        """Build from ``SLURM_JOB_NODELIST`` and ``SLURM_GPUS_ON_NODE`` (else
-        ``SLURM_NTASKS_PER_NODE``) -- every node gets the same number of slots."""
+        """Build from a SLURM job's environment (see :func:`slurm_slots` for the slot counts).
+
+        Raises ``ValueError`` naming the variable when the environment is not a SLURM job's or
+        does not add up (e.g. a nodelist of 3 nodes with tasks for 2).
+        """
         env = os.environ if env is None else env
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise ValueError("from_slurm: SLURM_JOB_NODELIST is not set (not inside a SLURM job?)")
-        for var in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+        nodes = expand_nodelist(nodelist)
+        for var in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
             if env.get(var):
-                value = env[var]
+                if env[var] != str(len(nodes)):
+                    raise ValueError(f"from_slurm: {var}={env[var]!r} but SLURM_JOB_NODELIST="
+                                     f"{nodelist!r} names {len(nodes)} nodes")
                 break
-        else:
-            raise ValueError("from_slurm: neither SLURM_GPUS_ON_NODE nor SLURM_NTASKS_PER_NODE "
-                             "is set; request --gpus-per-node or --ntasks-per-node")
-        if not value.isdigit():
-            raise ValueError(f"from_slurm: {var}={value!r} is not a slot count")
-        return cls(tuple(Host(name=n, slots=int(value)) for n in expand_nodelist(nodelist)))
+        slots = slurm_slots(env, num_nodes=len(nodes))
+        return cls(tuple(Host(name=n, slots=k) for n, k in zip(nodes, slots)))
 
     # ---- output -------------------------------------------------------------------------------
 
@@ -222,6 +225,73 @@ class Allocation:
                 f"split: cannot tile slices of {slots_per_slice} slots: the last hosts "
                 f"{[h.name for h in pending]} hold only {sum(h.slots for h in pending)} slots")
         return slices
+
+
+def parse_tasks_per_node(text: str, *, var: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """Expand SLURM's compressed per-node counts: ``2(x3),1`` -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for item in text.strip().split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if m is None:
+            raise ValueError(f"{var}={text!r}: expected counts like '2(x3),1'")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
+
+
+def _count_ids(text: str) -> int:
+    """Number of devices in ``0,1,2``, ``0-3,6`` or ``GPU-uuid,GPU-uuid`` (0 for ``NoDevFiles``)."""
+    n = 0
+    for item in text.split(","):
+        item = item.strip()
+        if not item or item == "NoDevFiles":
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", item)
+        n += int(m[2]) - int(m[1]) + 1 if m else 1
+    return n
+
+
+def slurm_gpus_per_node(env: Mapping[str, str]) -> int | None:
+    """GPUs SLURM gave this job per node, or None: ``SLURM_GPUS_ON_NODE``, else the ids in
+    ``SLURM_JOB_GPUS``, else those in ``CUDA_VISIBLE_DEVICES`` (set by SLURM's gres plugin)."""
+    value = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"from_slurm: SLURM_GPUS_ON_NODE={value!r} is not a GPU count")
+        return int(value) or None
+    for var in ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        if env.get(var, "").strip():
+            return _count_ids(env[var]) or None
+    return None
+
+
+def slurm_slots(env: Mapping[str, str], *, num_nodes: int) -> list[int]:
+    """Slots per node of a SLURM job, in nodelist order.
+
+    * GPUs, when the job has any (:func:`slurm_gpus_per_node`): one rank per GPU, the same count
+      on every node (SLURM reports the batch node's; ``--gpus-per-node`` makes them equal);
+    * else tasks: ``SLURM_NTASKS_PER_NODE`` (only set with ``--ntasks-per-node``), else
+      ``SLURM_TASKS_PER_NODE`` (always set; ``2(x3),1`` for ``sbatch -N4 -n7``).
+    """
+    gpus = slurm_gpus_per_node(env)
+    if gpus is not None:
+        return [gpus] * num_nodes
+    value = env.get("SLURM_NTASKS_PER_NODE", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"from_slurm: SLURM_NTASKS_PER_NODE={value!r} is not a task count")
+        return [int(value)] * num_nodes
+    value = env.get("SLURM_TASKS_PER_NODE", "").strip()
+    if not value:
+        raise ValueError("from_slurm: none of SLURM_GPUS_ON_NODE, SLURM_JOB_GPUS, "
+                         "CUDA_VISIBLE_DEVICES, SLURM_NTASKS_PER_NODE, SLURM_TASKS_PER_NODE is "
+                         "set: request GPUs or tasks (e.g. --ntasks-per-node)")
+    counts = parse_tasks_per_node(value)
+    if len(counts) != num_nodes:
+        raise ValueError(f"from_slurm: SLURM_TASKS_PER_NODE={value!r} gives {len(counts)} nodes, "
+                         f"the nodelist has {num_nodes}")
+    if min(counts) < 1:
+        raise ValueError(f"from_slurm: SLURM_TASKS_PER_NODE={value!r} gives a node no task")
+    return counts
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -1,13 +1,25 @@
 """Job specs and the exact command that starts one job on one slice.
 
 A job is a command + environment + run directory; nothing here knows what the script trains.
-Two launchers:
+Three launchers:
 
 * ``"deepspeed"`` -- the real DeepSpeed runner (``deepspeed`` is ``python -m
   deepspeed.launcher.runner``; we call it through ``sys.executable`` so the job uses the same
   interpreter and venv as the orchestrator, whatever ``PATH`` says).
 * ``"direct"`` -- ``python script args`` for a one-slot local slice with the rank variables the
   DeepSpeed launcher would set; unit tests use it to exercise supervision in milliseconds.
+* ``"srun"`` -- inside a SLURM allocation (``sbatch -N2 ...``), each job is a job step: ``srun
+  --overlap --nodelist=HOSTS --nodes=N --ntasks=T --ntasks-per-node=K python -u script args``.
+  No ssh/pdsh between nodes is needed (many clusters have none).  ``--overlap`` because the
+  launcher itself tiles the allocation into slices: without it a step asks for whole nodes'
+  CPUs (and, with ``CR_*_Memory``, all the job's memory) and concurrent steps queue behind each
+  other.  A tiny ``sh`` shim per task sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
+  ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_STEP_NUM_TASKS`` (what DeepSpeed's own launcher would
+  set, so the trainer needs no SLURM code) and, for a slice that is part of a node, narrows
+  ``CUDA_VISIBLE_DEVICES`` to the slice's slots.  ``MASTER_ADDR`` is the slice's first node
+  name; ``LOCAL_SIZE`` its ranks per node (DeepSpeed's CPU shm all-reduce needs it).
+  ``--kill-on-bad-exit=1``: one dead rank ends the step instead of leaving the others waiting
+  in a collective.  Steps are named after the job (``squeue -s``, ``scancel JOB.STEP``).
 
 What the DeepSpeed 0.19.8 runner needs, found by reading ``launcher/runner.py`` and trying it on a
 CPU box (see the launch tests):
@@ -46,9 +58,20 @@ from pathlib import Path
 from typing import Literal
 
 from lag_ds.launch.allocation import Slice
+from lag_ds.launch.diagnose import STACK_DUMP_DIR_ENV
 
-Launcher = Literal["deepspeed", "direct"]
-LAUNCHERS: tuple[str, ...] = ("deepspeed", "direct")
+Launcher = Literal["deepspeed", "direct", "srun"]
+LAUNCHERS: tuple[str, ...] = ("deepspeed", "direct", "srun")
+SRUN = "srun"
+# $1.. = the command.  Runs once per task of the step.
+_SRUN_SHIM = ('export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" '
+              'WORLD_SIZE="${SLURM_STEP_NUM_TASKS:-$SLURM_NTASKS}"; '
+              'if [ -n "$LAG_DS_SLOTS" ] && [ -n "$CUDA_VISIBLE_DEVICES" ]; then '
+              'CUDA_VISIBLE_DEVICES=$(echo "$CUDA_VISIBLE_DEVICES" | awk -F, -v s="$LAG_DS_SLOTS" '
+              "'{n = split(s, a, \",\"); o = \"\"; "
+              "for (i = 1; i <= n; i++) o = o (i > 1 ? \",\" : \"\") $(a[i] + 1); print o}'); "
+              'export CUDA_VISIBLE_DEVICES; fi; exec "$@"')
+_SRUN_SHIM_NAME = "lag-rank"
 DEEPSPEED_RUNNER: tuple[str, ...] = (sys.executable, "-u", "-m", "deepspeed.launcher.runner")
 DEFAULT_BASE_PORT = 29500  # DeepSpeed's own default master port
 # Set by the launcher for each rank; a job must not override them.
@@ -123,6 +146,24 @@ def _python_target(job: JobSpec) -> list[str]:
     return (["-m"] if job.module else []) + [job.script, *job.args]
 
 
+def _srun_tasks_per_node(slice_: Slice) -> int:
+    counts = {len(slots) for _, slots in slice_.parts}
+    if slice_.is_local or len(counts) != 1:
+        raise ValueError(f"build_command: launcher 'srun' needs SLURM node names and the same "
+                         f"number of slots on each node, got slice {slice_.include!r}")
+    return counts.pop()
+
+
+def srun_command(job: JobSpec, slice_: Slice) -> list[str]:
+    """The job as one SLURM job step on ``slice_``'s nodes (see the module docstring)."""
+    per_node = _srun_tasks_per_node(slice_)
+    return [SRUN, "--overlap", f"--job-name={job.name}", f"--nodes={len(slice_.hosts)}",
+            f"--ntasks={slice_.num_slots}", f"--ntasks-per-node={per_node}",
+            f"--nodelist={','.join(slice_.hosts)}", "--kill-on-bad-exit=1", "--export=ALL",
+            "/bin/sh", "-c", _SRUN_SHIM, _SRUN_SHIM_NAME, sys.executable, "-u",
+            *_python_target(job)]
+
+
 def build_command(job: JobSpec, slice_: Slice, *, master_port: int,
                   hostfile_path: str | Path | None = None, launcher: Launcher = "deepspeed",
                   ssh_check: bool = True) -> list[str]:
@@ -136,6 +177,8 @@ def build_command(job: JobSpec, slice_: Slice, *, master_port: int,
             raise ValueError(f"build_command: launcher 'direct' runs one local slot, "
                              f"got slice {slice_.include!r}")
         return [sys.executable, "-u", *_python_target(job)]
+    if launcher == "srun":
+        return srun_command(job, slice_)
 
     argv = list(DEEPSPEED_RUNNER)
     if slice_.is_local:
@@ -163,11 +206,20 @@ def build_env(job: JobSpec, slice_: Slice, *, master_port: int, launcher: Launch
     env = dict(os.environ if base_env is None else base_env)
     env.update(job.env)
     env["PYTHONUNBUFFERED"] = "1"  # launcher.log should show output as it happens
+    env[STACK_DUMP_DIR_ENV] = str(job.run_dir.resolve())  # where ranks dump stacks on SIGUSR1
     if launcher == "direct":
         ((_, (slot,)),) = slice_.parts
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
                    CUDA_VISIBLE_DEVICES=str(slot))
+    elif launcher == "srun":
+        per_node = _srun_tasks_per_node(slice_)
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # the shim sets them per task
+            env.pop(var, None)
+        env.update(MASTER_ADDR=slice_.hosts[0], MASTER_PORT=str(master_port),
+                   LOCAL_SIZE=str(per_node))
+        # The slots are the same on every node of a slice (one node, or whole nodes).
+        env["LAG_DS_SLOTS"] = ",".join(map(str, slice_.parts[0][1]))
     elif slice_.is_local:
         env["LOCAL_SIZE"] = str(max(slice_.parts[0][1]) + 1)
     return env
@@ -176,7 +228,8 @@ def build_env(job: JobSpec, slice_: Slice, *, master_port: int, launcher: Launch
 def remote_env_text(job: JobSpec) -> str:
     """Shell text exporting ``job.env``, sourced on each host of a multi-host launch."""
     lines = ["# written by lag_ds.launch for job " + job.name]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items())]
+    exported = {**job.env, STACK_DUMP_DIR_ENV: str(job.run_dir.resolve())}
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(exported.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -8,11 +8,16 @@ Supervision (RELIABILITY item 7) -- a failure is recorded with its reason and th
 
 * exit code 0 -> finished; 3 -> failed "non-finite loss" (the trainer's own NaN exit);
   anything else -> failed "exit code N";
-* no new metrics record for ``hang_timeout_s`` -> SIGTERM to the group, SIGKILL after
-  ``kill_grace_s`` -> failed "hung: no progress for Ns" (the timeout must cover start-up, e.g.
+* no new metrics record for ``hang_timeout_s`` -> first the ranks' stacks (SIGUSR1 to the
+  processes that catch it, up to ``stack_dump_s`` to answer, see ``diagnose.py``), then SIGTERM to
+  the group, SIGKILL after ``kill_grace_s`` -> failed "hung: no progress for Ns; <what the ranks
+  waited on>; stacks in RUN_DIR/stack-rank*.txt" (the timeout must cover start-up, e.g.
   DeepSpeed's first JIT build, and checkpoint I/O);
 * a NaN/inf train or val loss in ``metrics.jsonl`` -> stopped the same way -> failed
   "non-finite loss at step S";
+* stale JIT-build locks (``jit_build.py``) under the jobs' torch extension roots are removed
+  before each launch, after each job ends and when a job is found hung, so that a job killed
+  while holding one never stalls the others;
 * crashes and hangs are retried up to ``max_retries`` times (transient: a node, a port, a
   filesystem hiccup); non-finite losses are not -- the same data and seed diverge again.
 
@@ -40,13 +45,21 @@ import dataclasses
 import fcntl
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lag_ds.launch import diagnose
 from lag_ds.launch.allocation import Allocation, Slice
+from lag_ds.launch.jit_build import (
+    clear_stale_locks,
+    extension_root,
+    find_build_locks,
+    inspect_lock,
+)
 from lag_ds.launch.jobs import (
     DEFAULT_BASE_PORT,
     JobSpec,
@@ -98,6 +111,12 @@ class _Active:
     stop_reason: str | None = None
     stop_retryable: bool = False
     kill_at: float | None = None
+    dump_until: float | None = None
+    """Set while the ranks of a hung job are dumping their stacks."""
+    dump_sizes: dict[Path, int] | None = None
+    dump_signalled: int = 0
+    dump_stopped: tuple[str, ...] = ()
+    dump_seen: tuple[int, float] = (0, 0.0)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def eta_s(self) -> float | None:
@@ -127,7 +146,8 @@ class _Supervisor:
     def __init__(self, jobs: Sequence[JobSpec], slices: list[Slice], *, journal: Journal,
                  hostfile: Path | None, hang_timeout_s: float, max_retries: int,
                  poll_interval_s: float, launcher: Launcher, progress: ProgressReporter | None,
-                 base_port: int, kill_grace_s: float, ssh_check: bool) -> None:
+                 base_port: int, kill_grace_s: float, ssh_check: bool,
+                 stack_dump_s: float) -> None:
         self.jobs = {j.name: j for j in jobs}
         self.slices = slices
         self.journal = journal
@@ -140,6 +160,8 @@ class _Supervisor:
         self.base_port = base_port
         self.kill_grace_s = kill_grace_s
         self.ssh_check = ssh_check
+        self.stack_dump_s = stack_dump_s
+        self.lock_roots = sorted({extension_root({**os.environ, **j.env}) for j in jobs})
         self.queue: collections.deque[str] = collections.deque()
         self.attempts: dict[str, int] = {}
         self.waiting_reason: dict[str, str] = {}
@@ -175,7 +197,8 @@ class _Supervisor:
                 if code is not None:  # it ended while nobody watched
                     watcher = MetricsWatcher(job.metrics_path)
                     bad = self._read_metrics(watcher)
-                    verdict = ("failed", bad, False) if bad else self._judge_exit(code, watcher)
+                    verdict = (("failed", bad, False) if bad
+                               else self._judge_exit(code, watcher, job.log_path))
                     self._conclude(job, rec.attempt, *verdict, code)
                 else:
                     reason = "restart: process gone without a recorded end"
@@ -245,8 +268,14 @@ class _Supervisor:
         return None
 
     @staticmethod
-    def _judge_exit(code: int | None, watcher: MetricsWatcher) -> tuple[str, str, bool]:
-        """(state, reason, retryable) for a job that ended on its own."""
+    def _judge_exit(code: int | None, watcher: MetricsWatcher,
+                    log_path: Path | None = None) -> tuple[str, str, bool]:
+        """(state, reason, retryable) for a job that ended on its own.
+
+        A crash's reason names a signal (the wrapper's shell reports 128 + N) and ends with the
+        last error line of this attempt's ``launcher.log`` (e.g. the exception of a failed
+        checkpoint save), so that a failure can be told apart without opening the log.
+        """
         if code == 0 and watcher.non_finite is None:
             return "finished", "", False
         if code == NON_FINITE_EXIT_CODE:
@@ -257,7 +286,14 @@ class _Supervisor:
             return "failed", "ended without an exit status", True
         if code < 0:
             return "failed", f"killed by signal {-code}", True
-        return "failed", f"exit code {code}", True
+        reason = f"exit code {code}"
+        if 128 < code <= 128 + 64:
+            try:
+                reason += f" ({signal.Signals(code - 128).name})"
+            except ValueError:
+                pass
+        error = diagnose.last_error_line(log_path) if log_path is not None else None
+        return "failed", reason + (f": {error}" if error else ""), True
 
     def _stop(self, a: _Active, reason: str, *, retryable: bool) -> None:
         a.stop_reason, a.stop_retryable = reason, retryable
@@ -285,11 +321,61 @@ class _Supervisor:
             self._stop(a, bad, retryable=False)
         elif a.watcher.non_finite is not None:
             self._stop(a, f"non-finite loss at step {a.watcher.non_finite[0]}", retryable=False)
+        elif a.dump_until is not None:
+            if now >= a.dump_until or self._dumps_settled(a):
+                self._stop(a, self._hang_reason(a), retryable=True)
         elif now - a.last_progress > self.hang_timeout_s:
-            self._stop(a, f"hung: no progress for {self.hang_timeout_s:g}s", retryable=True)
+            self._request_stacks(a)
+
+    def _sweep_locks(self) -> list[str]:
+        """Remove stale JIT-build locks under the jobs' extension roots; say so on stderr."""
+        messages = []
+        for root in self.lock_roots:
+            messages += clear_stale_locks(root)
+        for message in messages:
+            print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
+        return messages
+
+    def _request_stacks(self, a: _Active) -> None:
+        """Ask a hung job's ranks for their stacks; :meth:`_check` stops it once they answered
+        or ``stack_dump_s`` passed."""
+        members = group_members(a.handle.pgid, started_since=a.handle.start_ticks)
+        a.dump_stopped = tuple(diagnose.label(p) for p in members
+                               if diagnose.is_stopped(p) and diagnose.catches(p, signal.SIGUSR1))
+        a.dump_sizes = diagnose.stack_file_sizes(a.job.run_dir)
+        a.dump_signalled = len(diagnose.send_dump_signal(members))
+        a.dump_until = time.monotonic() + (self.stack_dump_s if a.dump_signalled else 0.0)
+        a.dump_seen = (0, time.monotonic())
+
+    def _dumps_settled(self, a: _Active) -> bool:
+        """Some dump came back and the stack files stopped growing for 0.3 s."""
+        sizes = diagnose.stack_file_sizes(a.job.run_dir)
+        grown = sum(max(0, n - a.dump_sizes.get(p, 0)) for p, n in sizes.items())
+        if grown != a.dump_seen[0]:
+            a.dump_seen = (grown, time.monotonic())
+            return False
+        return grown > 0 and time.monotonic() - a.dump_seen[1] >= 0.3
+
+    def _hang_reason(self, a: _Active) -> str:
+        dumps = diagnose.new_dumps(a.job.run_dir, a.dump_sizes or {})
+        notes = []
+        if any(diagnose.summarize_stack(t) == diagnose.LOCK_WAIT for t in dumps.values()):
+            for root in self.lock_roots:
+                for path in find_build_locks(root):
+                    info = inspect_lock(path)
+                    if info is not None:
+                        notes.append(f"lock {info.path}: {info.describe()}")
+        notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
+        hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
+                                  run_dir=a.job.run_dir, lock_notes=notes)
+        reason = f"hung: no progress for {self.hang_timeout_s:g}s; {hint}"
+        diagnose.log_dumps(a.job.log_path, reason, dumps)
+        a.dump_until = None
+        return reason
 
     def _ended(self, a: _Active) -> None:
         kill_leftovers(a.handle.pgid, started_since=a.handle.start_ticks)
+        self._sweep_locks()  # it may have died holding a build lock others now wait on
         self.active.remove(a)
         if a.stop_reason is None:
             self.durations.append(time.monotonic() - a.started)
@@ -301,7 +387,8 @@ class _Supervisor:
         if a.stop_reason is not None:
             self._conclude(a.job, a.attempt, "failed", a.stop_reason, a.stop_retryable, code)
         else:
-            self._conclude(a.job, a.attempt, *self._judge_exit(code, a.watcher), code)
+            self._conclude(a.job, a.attempt, *self._judge_exit(code, a.watcher, a.job.log_path),
+                           code)
 
     def _conclude(self, job: JobSpec, attempt: int, state: str, reason: str, retryable: bool,
                   code: int | None) -> None:
@@ -362,6 +449,8 @@ class _Supervisor:
     def run(self) -> dict[str, JobResult]:
         shown: tuple = ()
         while self.queue or self.active:
+            if self.queue and self.free:
+                self._sweep_locks()
             while self.queue and self.free:
                 self._launch(self.queue.popleft(), self.free.pop(0))
             time.sleep(self.poll_interval_s)
@@ -379,7 +468,8 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
              journal_path: str | Path, hang_timeout_s: float = 600.0, max_retries: int = 0,
              poll_interval_s: float = 1.0, launcher: Launcher = "deepspeed",
              progress: ProgressReporter | None = None, base_port: int = DEFAULT_BASE_PORT,
-             kill_grace_s: float = 10.0, ssh_check: bool = True) -> dict[str, JobResult]:
+             kill_grace_s: float = 10.0, ssh_check: bool = True,
+             stack_dump_s: float = 5.0) -> dict[str, JobResult]:
     """Run every job to an end (finished or failed) and return the results by name.
 
     Re-running with the same ``journal_path`` resumes: see the module docstring.
@@ -391,7 +481,7 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
     if len(set(run_dirs)) != len(run_dirs):
         raise ValueError("run_jobs: two jobs share a run_dir")
     for arg, value in (("hang_timeout_s", hang_timeout_s), ("poll_interval_s", poll_interval_s),
-                       ("kill_grace_s", kill_grace_s)):
+                       ("kill_grace_s", kill_grace_s), ("stack_dump_s", stack_dump_s)):
         if not value > 0:
             raise ValueError(f"run_jobs: {arg} must be > 0, got {value}")
     if max_retries < 0:
@@ -408,6 +498,7 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
         sup = _Supervisor(jobs, slices, journal=Journal(journal_path), hostfile=hostfile,
                           hang_timeout_s=hang_timeout_s, max_retries=max_retries,
                           poll_interval_s=poll_interval_s, launcher=launcher, progress=progress,
-                          base_port=base_port, kill_grace_s=kill_grace_s, ssh_check=ssh_check)
+                          base_port=base_port, kill_grace_s=kill_grace_s, ssh_check=ssh_check,
+                          stack_dump_s=stack_dump_s)
         sup.resume()
         return sup.run()

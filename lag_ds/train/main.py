@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing, so that even a hang in an import can be diagnosed: on SIGUSR1 every thread's
+    # stack goes to $LAG_DS_STACK_DUMP_DIR/stack-rank<R>.txt (the launcher's supervisor asks for
+    # it before killing a job that makes no progress).
+    from lag_ds.launch.diagnose import register_stack_dump
+
+    register_stack_dump()
     args = parse_args(argv)
     from lag_ds.config import apply_overrides, load_dataclass, load_yaml, to_dict
     from lag_ds.train.config import TrainConfig
