@@ -21,6 +21,7 @@ from typing import Any
 
 from lag_ds.config import apply_overrides, load_yaml
 from lag_ds.growth import parse_space
+from lag_ds.launch import prepare_deepspeed_ops
 from lag_ds.launch.progress import format_duration
 from lag_ds.select import read_records
 from lag_ds.stacking.allocations import parse_allocation
@@ -119,6 +120,10 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
                     base_port=cfg.base_port)
     policy = cfg.race_policy()
     clock = PhaseClock()
+    # Build/load DeepSpeed's JIT ops once, here, clearing a stale build lock left by a killed
+    # process: otherwise every job of the race would wait on it forever (FACTS: stale JIT lock).
+    ops = prepare_deepspeed_ops(timeout_s=cfg.hang_timeout_s * 3, log=log)
+    log(f"DeepSpeed ops ready in {ops.seconds:.0f} s ({', '.join(ops.ops.values()) or 'none'})")
 
     # 1. base checkpoint
     base_wall, base_steps_run = None, 0
