@@ -89,3 +89,16 @@ def test_every_launch_script_is_a_valid_bash_and_python_polyglot():
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
         compile(script.read_text(), str(script), "exec")
         assert "lag_ds.launch.script_entry" in script.read_text(), script
+
+
+def test_pin_ninja_puts_the_interpreters_ninja_first(tmp_path):
+    from pathlib import Path
+
+    from lag_ds.toolchain import pin_ninja
+
+    env = {"PATH": f"/usr/bin:{Path(sys.executable).parent}:/bin"}
+    has_ninja = (Path(sys.executable).parent / "ninja").exists()
+    assert pin_ninja(env) is has_ninja
+    if has_ninja:
+        assert env["PATH"].split(":") == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+        assert pin_ninja(env) and env["PATH"].count(str(Path(sys.executable).parent)) == 1

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lag_ds.toolchain import pin_ninja
+
 NETWORK_FS_TYPES = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
     "fuse.glusterfs", "fuse.sshfs", "fuse.beegfs", "afs", "orangefs", "panfs", "wekafs"})
@@ -295,6 +297,7 @@ def prepare_deepspeed_ops(*, env: Mapping[str, str] | None = None, timeout_s: fl
         def log(message: str) -> None:
             print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
     env = dict(os.environ if env is None else env)
+    pin_ninja(env)  # the ninja the jobs will use (lag_ds/toolchain.py: two ninjas rebuild)
     root = extension_root(env)
     removed: list[str] = []
 

@@ -73,9 +73,9 @@ def describe_running(r: ProgressRow) -> str:
     if r.last_step is None:
         return f"starting: {r.status}" if r.status else "starting"
     parts = [f"step {_fmt_step(r)}"]
-    if r.total_step:
-        parts[0] += f" ({100 * r.last_step / r.total_step:.0f}%)" if r.last_step <= r.total_step \
-            else ""
+    if r.total_step and r.steps_done is not None and r.last_step <= r.total_step:
+        todo = r.steps_done + r.total_step - r.last_step  # this job's own steps, not the run's
+        parts[0] += f" ({100 * r.steps_done / todo:.0f}%)" if todo else ""
     if r.train_loss is not None:
         parts.append(f"loss {r.train_loss:.4f}")
     if r.last_val_loss is not None:

@@ -102,6 +102,9 @@ class StageSpec:
     study: bool = False
     tb_dir: Path | None = None
     """One TensorBoard dir where every job of the stage writes its own run."""
+    promoted_tb: tuple[Path, str] | None = None
+    """(TensorBoard dir, run name) of the promoted run; default ``tb_dir``/promoted-<winner>.
+    Adaptive stacking gives every stage's promoted run the same run, one curve across stages."""
     name: str = "stage"
 
 
@@ -290,7 +293,9 @@ def promote(spec: StageSpec, prepared: Prepared, result: RaceResult, selection: 
         job = train_job(spec, "promoted", run_dir, total_steps=spec.total_steps,
                         init_from=str(promoted_init.resolve()), num_layers=prepared.grown_layers,
                         eval_interval=spec.eval_interval, growth_step=prepared.base_step,
-                        **_tb(spec, f"promoted-{winner}"))
+                        **(_tb(spec, f"promoted-{winner}") if spec.promoted_tb is None else
+                           {"tb_dir": str(spec.promoted_tb[0].resolve()),
+                            "tb_run_name": spec.promoted_tb[1]}))
         r = launch.run([job], journal=spec.out_dir / "journal-promoted.jsonl", whole=True)
         if r["promoted"].state != "finished":
             raise RuntimeError(f"promoted run failed: {r['promoted'].reason} "

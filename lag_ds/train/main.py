@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     register_stack_dump()
     args = parse_args(argv)
+    import os
+
+    from lag_ds.toolchain import pin_ninja
+
+    pin_ninja(os.environ)  # the same ninja as every other process loading DeepSpeed's ops
     from lag_ds.config import apply_overrides, load_dataclass, load_yaml, to_dict
     from lag_ds.train.config import TrainConfig
 
