@@ -99,6 +99,7 @@ def run_schedule(schedule: Schedule, *, out: Path, train: TrainConfig, launch: L
             base = Path(done[-1]["checkpoint"])
             rec = _growth_stage(plan, schedule=schedule, out=out, train=train, launch=launch,
                                 tb=tb, base=base, clock=clock, label=label, seed=seed)
+        _mark_stage(tb, plan, rec)
         done.append(rec)
         _write_log(log_path, done, schedule=schedule_path)
     final = done[-1]
@@ -106,6 +107,19 @@ def run_schedule(schedule: Schedule, *, out: Path, train: TrainConfig, launch: L
             final["final_val_loss"], "layers": final["layers"],
             "candidate_steps": sum(r.get("candidate_steps", 0) for r in done),
             "stages": done, "stage_log": str(log_path.resolve())}
+
+
+def _mark_stage(tb: Path, plan: StagePlan, rec: dict[str, Any]) -> None:
+    """Stage boundary on the model's curve: ``model/num_layers`` steps up at the stage's start,
+    and a text line naming the stage's operator."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb / "model")) as writer:
+        writer.add_scalar("model/num_layers", plan.layers_after, global_step=plan.start_step)
+        what = (f"stage {plan.index}: {plan.layers_after} layers from scratch" if plan.index == 1
+                else f"stage {plan.index}: {plan.layers_before} -> {plan.layers_after} layers "
+                     f"with {rec['winner']} (LAG@0 would pick {rec['lag0_winner']})")
+        writer.add_text("stages", what, global_step=plan.start_step)
 
 
 def _stage_one(plan: StagePlan, *, schedule: Schedule, out: Path, train: TrainConfig,
@@ -135,9 +149,9 @@ def _growth_stage(plan: StagePlan, *, schedule: Schedule, out: Path, train: Trai
                   launch: Launch, tb: Path, base: Path, clock: PhaseClock, label: str,
                   seed: int) -> dict[str, Any]:
     st = schedule.stages[plan.index - 1]
-    space = ",".join(op.name for op in plan.operators)  # the exact list, also for fixed ones
     spec = StageSpec(out_dir=out / f"stage{plan.index}", train=train, base=base,
-                     num_new_layers=st.num_new_layers, space=space,
+                     num_new_layers=st.num_new_layers, space=st.space or f"fixed: {st.fixed}",
+                     operators=plan.operators,
                      policy=RacePolicy(name=st.policy, k=plan.k), total_steps=plan.end_step,
                      eval_interval=schedule.eval_interval,
                      dense_eval_steps=schedule.dense_eval_steps, seed=seed,

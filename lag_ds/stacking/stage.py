@@ -88,7 +88,10 @@ class StageSpec:
     """DeepSpeed checkpoint dir (ZeRO-1/2, with ``latest``) of the model to grow."""
     num_new_layers: int
     space: str
-    """``lag_ds.growth.parse_space`` text: "paper", "all", or starts0=...;blocks=...;inits=..."""
+    """``lag_ds.growth.parse_space`` text: "paper", "all", or starts0=...;blocks=...;inits=...
+    (ignored when ``operators`` is given)."""
+    operators: tuple[GrowthOperator, ...] | None = None
+    """The exact operators to race (a schedule's stage, or a fixed one), instead of ``space``."""
     policy: RacePolicy
     total_steps: int
     """Absolute step the promoted run (and, in study mode, every candidate) trains to."""
@@ -174,8 +177,10 @@ def read_base(base: Path) -> tuple[int, int]:
 def prepare(spec: StageSpec) -> Prepared:
     """Base in universal layout once, then one hard-linked grown checkpoint per operator."""
     base_step, num_layers = read_base(spec.base)
-    ops = tuple(parse_space(spec.space, num_layers=num_layers,
-                            num_new_layers=spec.num_new_layers))
+    ops = spec.operators or tuple(parse_space(spec.space, num_layers=num_layers,
+                                              num_new_layers=spec.num_new_layers))
+    for op in ops:
+        op.validate(num_layers)
     base_universal = spec.out_dir / "base_universal"
     if not _complete(base_universal):
         grow_deepspeed_checkpoint(spec.base, base_universal, None, show_progress=False)
