@@ -25,14 +25,19 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
-
-def _is_loss_tag(tag: str) -> bool:
-    return tag == "train/loss" or tag == "val/loss" or tag.startswith("val/loss/")
+from lag_ds.metrics_schema import (
+    STEP,
+    TRAIN_LOSS,
+    TRAIN_TOKENS_PER_S,
+    VAL_LOSS,
+    WALL_TIME,
+    is_loss_tag,
+    parse_record,
+)
 
 
 class MetricsWatcher:
@@ -99,38 +104,26 @@ class MetricsWatcher:
         return count
 
     def _consume(self, raw: bytes) -> None:
-        where = f"{self.path}:{self._line_number}"
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{where}: not a JSON object") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: not a JSON object")
-        step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"{where}: 'step' must be an integer, got {step!r}")
+        record = parse_record(raw, where=f"{self.path}:{self._line_number}")
+        step = record[STEP]
         self.num_records += 1
         if self.first_step is None:
             self.first_step = step
         self.last_step = step
         for tag, value in record.items():
-            if not _is_loss_tag(tag):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}: {tag!r} must be a number, got {value!r}")
-            if not math.isfinite(value) and self.non_finite is None:
+            if is_loss_tag(tag) and not math.isfinite(value) and self.non_finite is None:
                 self.non_finite = (step, tag)
-        if "val/loss" in record:
-            self.last_val_loss = float(record["val/loss"])
+        if VAL_LOSS in record:
+            self.last_val_loss = float(record[VAL_LOSS])
             self.last_val_step = step
-        if "train/loss" in record:
-            self.last_train_loss = float(record["train/loss"])
-            wall = record.get("wall_time")
+        if TRAIN_LOSS in record:
+            self.last_train_loss = float(record[TRAIN_LOSS])
+            wall = record.get(WALL_TIME)
             wall = float(wall) if isinstance(wall, (int, float)) else time.time()
             if self._rate_origin is None:
                 self._rate_origin = (step, wall)
             self._rate_last = (step, wall)
-        tokens = record.get("train/tokens_per_s")
+        tokens = record.get(TRAIN_TOKENS_PER_S)
         if isinstance(tokens, (int, float)) and not isinstance(tokens, bool):
             self.last_tokens_per_s = float(tokens)
 

@@ -23,14 +23,15 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_TAG = "val/loss"
+from lag_ds.metrics_schema import VAL_LOSS, parse_record
+
+DEFAULT_TAG = VAL_LOSS
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -97,16 +98,7 @@ class Curve:
 
 
 def _parse_line(text: str, *, where: str) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not a JSON object ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    step = record.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"{where}: 'step' must be an integer, got {step!r}")
-    return record
+    return parse_record(text, where=where)
 
 
 def read_records(path: str | Path) -> list[dict]:

@@ -163,7 +163,7 @@ def _growth_stage(plan: StagePlan, *, schedule: Schedule, out: Path, train: Trai
             + f", to step {plan.end_step}")
     with clock.phase(f"{label} stage {plan.index}", what):
         prepared = prepare(spec)
-        raced = race(spec, prepared, launch)
+        raced = race(spec, prepared, launch, say=log)
         selection = decide(spec, prepared, raced, extra={"schedule_stage": asdict(st)})
         log(f"{label} stage {plan.index}: winner {selection.winner} (LAG@0 would pick "
             f"{selection.lag0_winner})")

@@ -23,6 +23,7 @@ from lag_ds.config import apply_overrides, load_yaml
 from lag_ds.growth import parse_space
 from lag_ds.launch import prepare_deepspeed_ops
 from lag_ds.launch.progress import format_duration
+from lag_ds.metrics_schema import TRAIN_LOSS, WALL_TIME
 from lag_ds.select import read_records
 from lag_ds.stacking.allocations import parse_allocation
 from lag_ds.stacking.config import LagRunConfig
@@ -69,7 +70,7 @@ def _speed_of(metrics_path: Path) -> float | None:
     if not metrics_path.exists():
         return None
     points = [(r["step"], r["wall_time"]) for r in read_records(metrics_path)
-              if "train/loss" in r and "wall_time" in r]
+              if TRAIN_LOSS in r and WALL_TIME in r]
     if len(points) < 2 or points[-1][0] == points[0][0]:
         return None
     return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
@@ -176,7 +177,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     # 4. the race, concurrently on slices, until the policy decides
     with clock.phase("race", f"{num_ops} candidates, {policy.describe()}, on {num_slices} "
                              f"slice(s) of {cfg.slots_per_slice} slot(s)"):
-        raced = race(spec, prepared, launch)
+        raced = race(spec, prepared, launch, say=log)
 
     # 5. selection
     selection = decide(spec, prepared, raced, extra={"config": asdict(cfg)})

@@ -159,7 +159,8 @@ def _loss_at(curve: Curve | None, step: int) -> float:
 
 
 def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_job: MakeJob,
-             journal_dir: Path, run_kw: Mapping[str, Any]) -> RaceResult:
+             journal_dir: Path, run_kw: Mapping[str, Any],
+             say: Callable[[str], None] | None = None) -> RaceResult:
     """Run the race of ``policy`` over the candidates ``names`` (see the module docstring).
 
     ``run_kw`` goes to :func:`run_jobs` (allocation, slots_per_slice, timeouts, launcher, ...).
@@ -167,6 +168,7 @@ def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_j
     others (``journal-race-sh-r{i}.jsonl`` / ``journal-race-settle-t{t}.jsonl``).
     """
     names = list(names)
+    say = say or (lambda message: None)
     failed: dict[str, str] = {}
     paths: dict[str, Path] = {}  # metrics file of every candidate launched in some round
     if policy.name == "lag":
@@ -185,6 +187,7 @@ def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_j
         decision = policy.k
         for i, rung in enumerate(rungs):
             survivors_log.append(list(alive))
+            say(f"SH rung {i + 1}/{len(rungs)}: {len(alive)} candidate(s) to step +{rung}")
             _round(alive, base_step + rung, make_job=make_job, run_kw=run_kw, failed=failed,
                paths=paths,
                    journal=journal_dir / f"journal-race-sh-r{i}.jsonl")
@@ -199,6 +202,8 @@ def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_j
                     if n not in keep:
                         stopped[n] = rung
                 alive = [n for n in alive if n in keep]
+                say(f"SH rung {i + 1}/{len(rungs)} at +{rung}: kept {', '.join(alive)}; "
+                    f"stopped {', '.join(n for n in losses if n not in keep) or 'none'}")
                 if len(alive) == 1:  # one survivor left: it is the winner, decided here
                     decision = rung
                     break
@@ -214,6 +219,7 @@ def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_j
     while True:
         t = min(max(t + policy.settle_chunk, policy.settle_floor), policy.settle_cap)
         alive = [n for n in names if n not in failed]
+        say(f"settle round: {len(alive)} candidate(s) to step +{t}")
         _round(alive, base_step + t, make_job=make_job, run_kw=run_kw, failed=failed,
                paths=paths,
                journal=journal_dir / f"journal-race-settle-t{t}.jsonl")
@@ -225,6 +231,8 @@ def run_race(names: Sequence[str], *, base_step: int, policy: RacePolicy, make_j
         decided = settle_step(by_step, tau=policy.tau, m=policy.m, floor=policy.settle_floor,
                               cap=policy.settle_cap)
         evaluations.append({"trained_to": t, "decided_at": decided})
+        say(f"settle: ranking {'settled at +%d' % decided if decided is not None else 'not settled'}"
+            f" after {len(by_step)} evaluations")
         if decided is not None or t >= policy.settle_cap or not curves:
             break
     k = decided if decided is not None else t

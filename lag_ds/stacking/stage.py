@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,11 +214,12 @@ def candidate_job(spec: StageSpec, prepared: Prepared, name: str, target: int, *
                      eval_dense_interval=spec.dense_eval_interval, **_tb(spec, name))
 
 
-def race(spec: StageSpec, prepared: Prepared, launch: Launch) -> RaceResult:
+def race(spec: StageSpec, prepared: Prepared, launch: Launch,
+         say: Callable[[str], None] | None = None) -> RaceResult:
     names = [op.name for op in prepared.operators]
     return run_race(names, base_step=prepared.base_step, policy=spec.policy,
                     make_job=lambda n, t: candidate_job(spec, prepared, n, t),
-                    journal_dir=spec.out_dir, run_kw=launch.run_kw())
+                    journal_dir=spec.out_dir, run_kw=launch.run_kw(), say=say)
 
 
 # ---- 3. decide ----------------------------------------------------------------------------------

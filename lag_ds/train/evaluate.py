@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from lag_ds.data import DENOISER_NAMES
+from lag_ds.metrics_schema import VAL_LOSS, VAL_LOSS_PREFIX
 
 
 @torch.no_grad()
@@ -34,8 +35,8 @@ def validation_loss(engine: Any, batches: Sequence[Any], device: torch.device) -
     if was_training:
         engine.train()
     dist.all_reduce(sums, group=ps.get_data_parallel_group())
-    out = {"val/loss": (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item()}
+    out = {VAL_LOSS: (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item()}
     for d, name in enumerate(DENOISER_NAMES):
         if sums[d, 1] > 0:
-            out[f"val/loss/{name}"] = (sums[d, 0] / sums[d, 1]).item()
+            out[f"{VAL_LOSS_PREFIX}{name}"] = (sums[d, 0] / sums[d, 1]).item()
     return out

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from lag_ds import metrics_schema as ms
 from lag_ds.config import to_dict
 from lag_ds.data import Ul2BatchSource, prepare_data, validation_batches
 from lag_ds.model.build import build_gpt_model
@@ -142,7 +143,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     check = loss_sum.clone()
                     dist.all_reduce(check)
                     if not torch.isfinite(check):
-                        logger.log(step, {"train/loss": check.item()})
+                        logger.log(step, {ms.TRAIN_LOSS: check.item()})
                         raise NonFiniteLoss(step, check.item())
                 engine.backward(loss)
                 engine.step()
@@ -153,10 +154,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 elapsed = time.perf_counter() - t0
                 grad_norm = engine.get_global_grad_norm()
                 logger.log(step, {
-                    "train/loss": train_loss,
-                    "train/lr": lr,
-                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "train/tokens_per_s": tokens_per_step / elapsed,
+                    ms.TRAIN_LOSS: train_loss,
+                    ms.TRAIN_LR: lr,
+                    ms.TRAIN_GRAD_NORM: float(grad_norm) if grad_norm is not None else float("nan"),
+                    ms.TRAIN_TOKENS_PER_S: tokens_per_step / elapsed,
                 })
             if _evaluates(cfg, step):
                 last_val = validation_loss(engine, val_batches, device)
@@ -167,7 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                    client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
                                                  "preset": cfg.preset})
             progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val.get('val/loss', math.nan):.3f}")
+            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val.get(ms.VAL_LOSS, math.nan):.3f}")
     finally:
         progress.close()
         logger.close()
@@ -185,7 +186,7 @@ def _evaluates(cfg: TrainConfig, step: int) -> bool:
 def _log_since_growth(logger: MetricLogger, cfg: TrainConfig, step: int,
                       scalars: dict[str, float]) -> None:
     if cfg.growth_step is not None and step >= cfg.growth_step:
-        logger.tb_scalar("val_since_growth/loss", scalars["val/loss"], step - cfg.growth_step)
+        logger.tb_scalar(ms.VAL_SINCE_GROWTH, scalars[ms.VAL_LOSS], step - cfg.growth_step)
 
 
 def _status(enabled: bool):

@@ -1,7 +1,7 @@
 """One metric logger: TensorBoard events + ``metrics.jsonl`` (what other tools read). Rank 0 only.
 
-JSONL record: ``{"step": int, "wall_time": float, "<tag>": float, ...}``; tags ``train/loss``,
-``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``val/loss``, ``val/loss/<denoiser>``.
+JSONL record and tag names: :mod:`lag_ds.metrics_schema` (the one place the launcher and the
+selector read them from too).
 Non-finite values are written as JSON ``NaN``/``Infinity`` (Python's json default) so that a
 diverging run is visible to the selector rather than dropped.
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lag_ds.atomic_io import atomic_write_text
+from lag_ds.metrics_schema import STEP, WALL_TIME
 
 STATUS_PREFIX = "[lag_ds]"
 """Start of the trainer's status lines on stdout ("preparing data ...", "loading ..."); the
@@ -45,7 +46,7 @@ class MetricLogger:
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), "wall_time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        record = {STEP: int(step), WALL_TIME: time.time(), **{k: float(v) for k, v in scalars.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.writer is not None:
