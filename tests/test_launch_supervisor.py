@@ -118,13 +118,15 @@ def test_crash_hang_nan_fail_with_reasons_while_siblings_finish(tmp_path, journa
 def test_hang_ignoring_sigterm_gets_its_grace_then_sigkill(tmp_path, journal_path):
     jobs = [ft.job(tmp_path, "stubborn", steps=10, mode="hang", fail_at=2, ignore_sigterm=True)]
     t0 = time.monotonic()
-    results = _run(jobs, journal_path, hang_timeout_s=0.5, kill_grace_s=1.0)
+    # The hang timeout leaves the fake trainer time to start and ignore SIGTERM even on a
+    # loaded box (a 0.5 s timeout killed it during its own start-up, before it ignored anything).
+    results = _run(jobs, journal_path, hang_timeout_s=3.0, kill_grace_s=1.0)
     elapsed = time.monotonic() - t0
     assert (results["stubborn"].state, results["stubborn"].reason.split(";")[0]) == (
-        "failed", "hung: no progress for 0.5s")
+        "failed", "hung: no progress for 3s")
     # The wrapper died of SIGTERM at once, but the trainer (ignoring it) had its full grace
     # period before the SIGKILL, and is gone now.
-    assert elapsed >= 0.5 + 1.0
+    assert elapsed >= 3.0 + 1.0
     rec = [r for r in Journal(journal_path).records() if r.state == "running"][0]
     assert group_members(rec.pgid, started_since=rec.start_ticks) == []  # zombies don't count
 
@@ -263,8 +265,12 @@ def test_watcher_measures_speed_from_wall_time_and_phase_eta_counts_waves(tmp_pa
         {"step": 11, "wall_time": 101.0, "train/loss": 2.9, "train/tokens_per_s": 512.0},
         {"step": 15, "wall_time": 103.0, "train/loss": 2.5}]))
     w = MetricsWatcher(path)
+    w._since = 0.0  # records "written" at t=100..103 (the epoch), after the watch began
     w.poll()
     assert w.steps_per_s == pytest.approx(2.0) and w.last_train_loss == 2.5
+    stale = MetricsWatcher(path)  # the same records, written before this watch began
+    stale.poll()
+    assert stale.steps_per_s is None and stale.last_train_loss == 2.5
     assert w.last_tokens_per_s == 512.0 and w.last_val_step == 10
     # A real run: 3 jobs of 4 steps, 1 slot -> the ETA shown drops to 0 and the output shows
     # step/total for the running job.

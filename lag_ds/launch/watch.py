@@ -45,6 +45,8 @@ class MetricsWatcher:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._since = time.time()  # speed counts only records written after the watch began:
+        # a resumed job's file also holds the steps of earlier rounds, long ago
         self.records_seen = 0
         """Records consumed over the watcher's life (never reset): the progress counter."""
         self._reset()
@@ -120,9 +122,10 @@ class MetricsWatcher:
             self.last_train_loss = float(record[TRAIN_LOSS])
             wall = record.get(WALL_TIME)
             wall = float(wall) if isinstance(wall, (int, float)) else time.time()
-            if self._rate_origin is None:
-                self._rate_origin = (step, wall)
-            self._rate_last = (step, wall)
+            if wall >= self._since:
+                if self._rate_origin is None:
+                    self._rate_origin = (step, wall)
+                self._rate_last = (step, wall)
         tokens = record.get(TRAIN_TOKENS_PER_S)
         if isinstance(tokens, (int, float)) and not isinstance(tokens, bool):
             self.last_tokens_per_s = float(tokens)
