@@ -42,7 +42,7 @@ STUDY_DIR ?= runs/lag_study
 study: $(STAMP)
 	OUT_DIR=$(STUDY_DIR) STUDY=1 BASE_STEPS=150 GROW_LAYERS=2 SPACE="starts0=0,1,2;blocks=1,2;inits=duplicate,random" \
 	LAG_STEPS=20 DENSE_EVAL_STEPS=20 EVAL_INTERVAL=10 TOTAL_STEPS=220 PYTHON=$(PY) launch_scripts/ul2_grow.sh
-	$(PY) tools/analyze_lag.py $(STUDY_DIR) --replay "sh:eta=3,r0=2,k=20" --replay "settle:tau=0.9,m=3,floor=2,cap=20"
+	$(PY) tools/analyze_lag.py $(STUDY_DIR) --replay "lag:k=60" --replay "sh:eta=2,r0=5,k=20"
 	$(PY) benchmarks/lag_cost.py $(STUDY_DIR) > $(STUDY_DIR)/analysis/cost.json
 	@echo "report: $(STUDY_DIR)/analysis/report.md"
 
