@@ -37,10 +37,9 @@ JOB_ENV = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(TEST_CACHE),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    """tiny_base.yaml with its data built once, evaluating and saving every 4 steps."""
-    root = tmp_path_factory.mktemp("faults")
+def write_tiny_config(root: Path) -> Path:
+    """tiny_base.yaml evaluating and saving every 4 steps, its data built here (not raced for
+    by the jobs), DeepSpeed's ops prepared in the tests' extension cache."""
     cfg = yaml.safe_load(TINY.read_text())
     cfg.update(cache_dir=str(root / "cache"), ds_config=str(REPO / "ds_configs/cpu_zero2.json"),
                train_steps=40, save_interval=4, eval_interval=4, log_interval=1)
@@ -54,6 +53,11 @@ def tiny_config(tmp_path_factory) -> Path:
     prepare_data(loaded.data, Path(loaded.cache_dir))
     prepare_deepspeed_ops(env={**os.environ, **JOB_ENV}, timeout_s=900, log=lambda m: None)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    return write_tiny_config(tmp_path_factory.mktemp("faults"))
 
 
 def trainer(name: str, config: Path, root: Path, *sets: str,

@@ -155,3 +155,27 @@ def test_scancel_of_the_allocation_then_the_same_command_resumes(cluster, tmp_pa
     slow = [(r.state, r.reason) for r in Journal(root / "journal.jsonl").records()
             if r.candidate == "slow"]
     assert ("pending", "restart: process gone without a recorded end") in slow
+
+
+def test_real_trainer_dp2_spanning_both_nodes(cluster, tmp_path):
+    """The real trainer, DP=2 ZeRO-2, one rank per node, gloo over the nodes' eth0: a job step
+    started by ``launcher="srun"`` trains across nodes with no ssh."""
+    from test_launch_faults_real import JOB_ENV, write_tiny_config
+
+    config = write_tiny_config(tmp_path)
+    root = tmp_path / "run"
+    run_dir = root / "wide"
+    jobspec = {"script": "lag_ds.train", "module": True,
+               "args": ["--config", str(config), "--set", f"run_dir={run_dir}",
+                        "--set", "train_steps=8"],
+               "env": {**JOB_ENV, "GLOO_SOCKET_IFNAME": slurm_cluster.IFNAME}}
+    job = submit_driver(cluster, root, ["-N2", "--ntasks-per-node=1"], slots_per_slice=2,
+                        hang_timeout_s=240, jobs={"wide": {"jobspec": jobspec}})
+    assert cluster.wait(job, timeout=600) == "COMPLETED", (root / "sbatch.out").read_text()
+    log = (run_dir / "launcher.log").read_text()
+    assert results(root) == {"wide": ["finished", "", 1, 0]}, log[-3000:]
+    assert "DP=2 TP=1 ZeRO=2" in log
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert max(r["step"] for r in records) == 8
+    # one ZeRO-2 optimizer partition per rank, written by ranks on two different nodes
+    assert len(list((run_dir / "checkpoints" / "global_step8").glob("*optim_states.pt"))) == 2
