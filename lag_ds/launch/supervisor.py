@@ -350,11 +350,10 @@ class _Supervisor:
         dumps = diagnose.new_dumps(a.job.run_dir, a.dump_sizes or {})
         notes = []
         if any(diagnose.summarize_stack(t) == diagnose.LOCK_WAIT for t in dumps.values()):
-            for root in self.lock_roots:
-                for path in find_build_locks(root):
-                    info = inspect_lock(path)
-                    if info is not None:
-                        notes.append(f"lock {info.path}: {info.describe()}")
+            for path in find_build_locks(extension_root({**os.environ, **a.job.env})):
+                info = inspect_lock(path)
+                if info is not None:
+                    notes.append(f"lock {info.path}: {info.describe()}")
         notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
         hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
                                   run_dir=a.job.run_dir, lock_notes=notes)
