@@ -60,6 +60,23 @@ def test_job_killed_holding_the_build_lock_does_not_stall_the_others(tmp_path, j
     assert f"removed stale JIT-build lock {lock} (no process holds it" in capfd.readouterr().err
 
 
+def test_lock_left_by_a_killed_outsider_is_cleared_while_the_job_waits(tmp_path, journal_path,
+                                                                     monkeypatch):
+    import lag_ds.launch.supervisor as supervisor
+
+    monkeypatch.setattr(supervisor, "LOCK_SWEEP_S", 0.5)
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    lock = tmp_path / "ext" / "fake_op" / "lock"
+    outsider = hold_lock(lock)  # not one of our jobs: say, a user's python killed by OOM
+    jobs = [ft.job(tmp_path, "waits", steps=5, mode="jit-lock", fail_at=1, launcher_env=env)]
+    import threading
+
+    threading.Timer(2.0, kill, args=(outsider,)).start()
+    results = _run(jobs, journal_path, num_slots=1, hang_timeout_s=20.0)
+    assert (results["waits"].state, results["waits"].attempt) == ("finished", 1)
+    assert not lock.exists()
+
+
 def test_hang_on_a_held_build_lock_names_the_lock_and_its_holder(tmp_path, journal_path):
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     lock = tmp_path / "ext" / "fake_op" / "lock"

@@ -16,8 +16,8 @@ Supervision (RELIABILITY item 7) -- a failure is recorded with its reason and th
 * a NaN/inf train or val loss in ``metrics.jsonl`` -> stopped the same way -> failed
   "non-finite loss at step S";
 * stale JIT-build locks (``jit_build.py``) under the jobs' torch extension roots are removed
-  before each launch, after each job ends and when a job is found hung, so that a job killed
-  while holding one never stalls the others;
+  before each launch, after each job ends, every ``LOCK_SWEEP_S`` and when a job is found hung,
+  so that a process killed while holding one (a job, or anything else) never stalls the others;
 * crashes and hangs are retried up to ``max_retries`` times (transient: a node, a port, a
   filesystem hiccup); non-finite losses are not -- the same data and seed diverge again.
 
@@ -83,6 +83,9 @@ from lag_ds.launch.progress import ProgressReporter, ProgressRow
 from lag_ds.launch.watch import MetricsWatcher
 
 NON_FINITE_EXIT_CODE = 3
+LOCK_SWEEP_S = 10.0
+"""How often running jobs' extension roots are checked for stale JIT-build locks (cheap: a glob,
+and a /proc scan only when a lock file exists)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,9 +417,11 @@ class _Supervisor:
 
     def run(self) -> dict[str, JobResult]:
         shown: tuple = ()
+        last_sweep = time.monotonic()
         while self.queue or self.active:
-            if self.queue and self.free:
+            if (self.queue and self.free) or time.monotonic() - last_sweep >= LOCK_SWEEP_S:
                 self._sweep_locks()
+                last_sweep = time.monotonic()
             while self.queue and self.free:
                 self._launch(self.queue.popleft(), self.free.pop(0))
             time.sleep(self.poll_interval_s)
