@@ -77,6 +77,25 @@ def test_lock_left_by_a_killed_outsider_is_cleared_while_the_job_waits(tmp_path,
     assert not lock.exists()
 
 
+def test_hang_on_a_stale_lock_says_so_and_removes_it(tmp_path, journal_path, monkeypatch):
+    import threading
+
+    import lag_ds.launch.supervisor as supervisor
+
+    monkeypatch.setattr(supervisor, "LOCK_SWEEP_S", 1e9)  # only the diagnosis may find it
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    lock = tmp_path / "ext" / "fake_op" / "lock"
+    outsider = hold_lock(lock)
+    threading.Timer(1.0, kill, args=(outsider,)).start()  # dies holding it: stale from now on
+    jobs = [ft.job(tmp_path, "stuck", steps=5, mode="jit-lock", fail_at=1, launcher_env=env)]
+    results = _run(jobs, journal_path, num_slots=1, hang_timeout_s=4.0)
+    reason = results["stuck"].reason
+    assert reason.startswith("hung: no progress for 4s; rank 0 waiting on a JIT-build lock (torch "
+                             f"FileBaton.wait); removed stale JIT-build lock {lock} (no process "
+                             "holds it or builds there; created "), reason
+    assert " while diagnosing; stacks in " in reason and not lock.exists()
+
+
 def test_hang_on_a_held_build_lock_names_the_lock_and_its_holder(tmp_path, journal_path):
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     lock = tmp_path / "ext" / "fake_op" / "lock"

@@ -355,7 +355,7 @@ class _Supervisor:
         if any(diagnose.summarize_stack(t) == diagnose.LOCK_WAIT for t in dumps.values()):
             for path in find_build_locks(extension_root({**os.environ, **a.job.env})):
                 info = inspect_lock(path)
-                if info is not None:
+                if info is not None and (info.holders or info.builders):  # stale: swept below
                     notes.append(f"lock {info.path}: {info.describe()}")
         notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
         hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
