@@ -223,3 +223,14 @@ def test_crash_reasons_name_the_signal_and_the_last_error_line(tmp_path):
     log.write_text("=== lag_ds.launch 2026-01-01 00:01:00: x\nfake_trainer: crashing at step 3\n")
     assert last_error_line(log) is None
     assert _Supervisor._judge_exit(137, watcher, log)[1] == "exit code 137 (SIGKILL)"
+
+
+def test_startup_timeout_applies_until_the_first_record(tmp_path, journal_path):
+    slow = JobSpec(name="slow_start", script="-c", run_dir=tmp_path / "slow_start",
+                   args=["import time; time.sleep(60)"])
+    jobs = [slow, ft.job(tmp_path, "stalls", steps=10, mode="hang", fail_at=2)]
+    t0 = time.monotonic()
+    results = _run(jobs, journal_path, hang_timeout_s=1.0, startup_timeout_s=4.0)
+    assert results["slow_start"].reason.startswith("hung: no progress for 4s;")
+    assert results["stalls"].reason.startswith("hung: no progress for 1s;")
+    assert time.monotonic() - t0 >= 4.0

@@ -11,8 +11,9 @@ Supervision (RELIABILITY item 7) -- a failure is recorded with its reason and th
 * no new metrics record for ``hang_timeout_s`` -> first the ranks' stacks (SIGUSR1 to the
   processes that catch it, up to ``stack_dump_s`` to answer, see ``diagnose.py``), then SIGTERM to
   the group, SIGKILL after ``kill_grace_s`` -> failed "hung: no progress for Ns; <what the ranks
-  waited on>; stacks in RUN_DIR/stack-rank*.txt" (the timeout must cover start-up, e.g.
-  DeepSpeed's first JIT build, and checkpoint I/O);
+  waited on>; stacks in RUN_DIR/stack-rank*.txt" (the timeout must cover checkpoint I/O; until
+  a launch's first record ``startup_timeout_s`` applies instead, default the same: it must cover
+  start-up, e.g. imports on a loaded box and DeepSpeed's first JIT build);
 * a NaN/inf train or val loss in ``metrics.jsonl`` -> stopped the same way -> failed
   "non-finite loss at step S";
 * stale JIT-build locks (``jit_build.py``) under the jobs' torch extension roots are removed
@@ -141,7 +142,7 @@ class _Supervisor:
                  hostfile: Path | None, hang_timeout_s: float, max_retries: int,
                  poll_interval_s: float, launcher: Launcher, progress: ProgressReporter | None,
                  base_port: int, kill_grace_s: float, ssh_check: bool,
-                 stack_dump_s: float) -> None:
+                 stack_dump_s: float, startup_timeout_s: float) -> None:
         self.jobs = {j.name: j for j in jobs}
         self.slices = slices
         self.journal = journal
@@ -155,6 +156,7 @@ class _Supervisor:
         self.kill_grace_s = kill_grace_s
         self.ssh_check = ssh_check
         self.stack_dump_s = stack_dump_s
+        self.startup_timeout_s = startup_timeout_s
         self.lock_roots = sorted({extension_root({**os.environ, **j.env}) for j in jobs})
         self.queue: collections.deque[str] = collections.deque()
         self.attempts: dict[str, int] = {}
@@ -317,8 +319,12 @@ class _Supervisor:
         elif a.dump_until is not None:
             if now >= a.dump_until or self._dumps_settled(a):
                 self._stop(a, self._hang_reason(a), retryable=True)
-        elif now - a.last_progress > self.hang_timeout_s:
+        elif now - a.last_progress > self._timeout(a):
             self._request_stacks(a)
+
+    def _timeout(self, a: _Active) -> float:
+        """No-progress limit: start-up until the launch's first record, then the hang timeout."""
+        return self.hang_timeout_s if a.watcher.records_seen else self.startup_timeout_s
 
     def _sweep_locks(self) -> list[str]:
         """Remove stale JIT-build locks under the jobs' extension roots; say so on stderr."""
@@ -360,7 +366,7 @@ class _Supervisor:
         notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
         hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
                                   run_dir=a.job.run_dir, lock_notes=notes)
-        reason = f"hung: no progress for {self.hang_timeout_s:g}s; {hint}"
+        reason = f"hung: no progress for {self._timeout(a):g}s; {hint}"
         diagnose.log_dumps(a.job.log_path, reason, dumps)
         a.dump_until = None
         return reason
@@ -440,11 +446,15 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
              poll_interval_s: float = 1.0, launcher: Launcher = "deepspeed",
              progress: ProgressReporter | None = None, base_port: int = DEFAULT_BASE_PORT,
              kill_grace_s: float = 10.0, ssh_check: bool = True,
-             stack_dump_s: float = 5.0) -> dict[str, JobResult]:
+             stack_dump_s: float = 5.0,
+             startup_timeout_s: float | None = None) -> dict[str, JobResult]:
     """Run every job to an end (finished or failed) and return the results by name.
 
     Re-running with the same ``journal_path`` resumes: see the module docstring.
+    ``startup_timeout_s`` (default ``hang_timeout_s``) is the no-progress limit until a launch's
+    first metrics record; ``stack_dump_s`` how long a hung job's ranks get to dump their stacks.
     """
+    startup_timeout_s = hang_timeout_s if startup_timeout_s is None else startup_timeout_s
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"run_jobs: duplicate job names in {names}")
@@ -452,7 +462,8 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
     if len(set(run_dirs)) != len(run_dirs):
         raise ValueError("run_jobs: two jobs share a run_dir")
     for arg, value in (("hang_timeout_s", hang_timeout_s), ("poll_interval_s", poll_interval_s),
-                       ("kill_grace_s", kill_grace_s), ("stack_dump_s", stack_dump_s)):
+                       ("kill_grace_s", kill_grace_s), ("stack_dump_s", stack_dump_s),
+                       ("startup_timeout_s", startup_timeout_s)):
         if not value > 0:
             raise ValueError(f"run_jobs: {arg} must be > 0, got {value}")
     if max_retries < 0:
@@ -470,6 +481,6 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
                           hang_timeout_s=hang_timeout_s, max_retries=max_retries,
                           poll_interval_s=poll_interval_s, launcher=launcher, progress=progress,
                           base_port=base_port, kill_grace_s=kill_grace_s, ssh_check=ssh_check,
-                          stack_dump_s=stack_dump_s)
+                          stack_dump_s=stack_dump_s, startup_timeout_s=startup_timeout_s)
         sup.resume()
         return sup.run()
