@@ -26,7 +26,8 @@ Resume (RELIABILITY item 8): every state change goes to the :class:`Journal` fir
 with the same journal skips finished/failed candidates; for one recorded as launching/running it
 looks for the live job (pid file + command line, see ``process.py``) and *adopts* it -- keeps
 polling it, starts no duplicate; if the job is gone, its exit file says how it ended, and with no
-exit file it is started again (the trainer resumes from its own checkpoint).  A lock file keeps
+exit file, or one saying a signal killed it (as ``scancel`` of the allocation does to everything
+at once), it is started again (the trainer resumes from its own checkpoint).  A lock file keeps
 two orchestrators off one journal.
 
 Example::
@@ -87,6 +88,11 @@ NON_FINITE_EXIT_CODE = 3
 LOCK_SWEEP_S = 10.0
 """How often running jobs' extension roots are checked for stale JIT-build locks (cheap: a glob,
 and a /proc scan only when a lock file exists)."""
+
+
+def _signal_death(code: int) -> bool:
+    """Exit status of a process killed by a signal (negative from Popen, 128+N from a shell)."""
+    return code < 0 or 128 < code <= 128 + 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,15 +195,22 @@ class _Supervisor:
                 if rec.pgid is not None and rec.start_ticks is not None:
                     kill_leftovers(rec.pgid, started_since=rec.start_ticks)
                 code = read_exit_code(job.exit_path)
-                if code is not None:  # it ended while nobody watched
+                if code is not None and not _signal_death(code):  # ended while nobody watched
                     watcher = MetricsWatcher(job.metrics_path)
                     bad = self._read_metrics(watcher)
                     verdict = (("failed", bad, False) if bad
                                else self._judge_exit(code, watcher, job.log_path))
                     self._conclude(job, rec.attempt, *verdict, code)
                 else:
-                    reason = "restart: process gone without a recorded end"
-                    self._record(name, "pending", attempt=rec.attempt, reason=reason)
+                    # Killed by a signal while the orchestrator was gone too: most likely by
+                    # what ended the orchestrator (scancel of the allocation, a lost node, a
+                    # Ctrl-C to the group), not the candidate's own failure -- restart it; the
+                    # trainer resumes from its checkpoint.
+                    reason = ("restart: process gone without a recorded end" if code is None else
+                              f"restart: ended by a signal (exit code {code}) while the "
+                              "orchestrator was down")
+                    self._record(name, "pending", attempt=rec.attempt, reason=reason,
+                                 exit_code=code)
                     self._enqueue(name, attempt=rec.attempt, reason=reason)
             else:
                 self._enqueue(name, attempt=rec.attempt, reason=rec.reason)
