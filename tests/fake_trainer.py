@@ -56,6 +56,7 @@ def _diagnose_module():
     spec = importlib.util.spec_from_file_location(
         "lag_ds_launch_diagnose", HERE.parents[1] / "lag_ds" / "launch" / "diagnose.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -137,7 +137,7 @@ def test_job_killed_by_a_signal_while_the_orchestrator_was_down_is_restarted(roo
     rec = Journal(root / "journal.jsonl").replay()["x"]
     (launch,) = ft.launches(root / "x")
     os.kill(launch["pid"], signal.SIGTERM)  # the trainer dies of it, its wrapper records 143
-    _wait_for(lambda: (root / "x" / "launcher.exit").exists(), what="the exit file")
+    _wait_for(lambda: not group_members(rec.pgid), what="the job to end")
     assert (root / "x" / "launcher.exit").read_text().strip() == "143"
 
     results = _rerun(root, jobs)

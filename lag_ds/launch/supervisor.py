@@ -120,12 +120,8 @@ class _Active:
     stop_reason: str | None = None
     stop_retryable: bool = False
     kill_at: float | None = None
-    dump_until: float | None = None
+    stacks: diagnose.StackRequest | None = None
     """Set while the ranks of a hung job are dumping their stacks."""
-    dump_sizes: dict[Path, int] | None = None
-    dump_signalled: int = 0
-    dump_stopped: tuple[str, ...] = ()
-    dump_seen: tuple[int, float] = (0, 0.0)
 
 
 @contextmanager
@@ -329,11 +325,13 @@ class _Supervisor:
             self._stop(a, bad, retryable=False)
         elif a.watcher.non_finite is not None:
             self._stop(a, f"non-finite loss at step {a.watcher.non_finite[0]}", retryable=False)
-        elif a.dump_until is not None:
-            if now >= a.dump_until or self._dumps_settled(a):
+        elif a.stacks is not None:
+            if a.stacks.done():
                 self._stop(a, self._hang_reason(a), retryable=True)
         elif now - a.last_progress > self._timeout(a):
-            self._request_stacks(a)
+            members = group_members(a.handle.pgid, started_since=a.handle.start_ticks)
+            a.stacks = diagnose.StackRequest.send(members, run_dir=a.job.run_dir,
+                                                  wait_s=self.stack_dump_s)
 
     def _timeout(self, a: _Active) -> float:
         """No-progress limit: start-up until the launch's first record, then the hang timeout."""
@@ -348,28 +346,9 @@ class _Supervisor:
             print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
         return messages
 
-    def _request_stacks(self, a: _Active) -> None:
-        """Ask a hung job's ranks for their stacks; :meth:`_check` stops it once they answered
-        or ``stack_dump_s`` passed."""
-        members = group_members(a.handle.pgid, started_since=a.handle.start_ticks)
-        a.dump_stopped = tuple(diagnose.label(p) for p in members
-                               if diagnose.is_stopped(p) and diagnose.catches(p, signal.SIGUSR1))
-        a.dump_sizes = diagnose.stack_file_sizes(a.job.run_dir)
-        a.dump_signalled = len(diagnose.send_dump_signal(members))
-        a.dump_until = time.monotonic() + (self.stack_dump_s if a.dump_signalled else 0.0)
-        a.dump_seen = (0, time.monotonic())
-
-    def _dumps_settled(self, a: _Active) -> bool:
-        """Some dump came back and the stack files stopped growing for 0.3 s."""
-        sizes = diagnose.stack_file_sizes(a.job.run_dir)
-        grown = sum(max(0, n - a.dump_sizes.get(p, 0)) for p, n in sizes.items())
-        if grown != a.dump_seen[0]:
-            a.dump_seen = (grown, time.monotonic())
-            return False
-        return grown > 0 and time.monotonic() - a.dump_seen[1] >= 0.3
-
     def _hang_reason(self, a: _Active) -> str:
-        dumps = diagnose.new_dumps(a.job.run_dir, a.dump_sizes or {})
+        """What the hung job waited on (its stacks, the build locks), logged to launcher.log."""
+        dumps = a.stacks.collect()
         notes = []
         if any(diagnose.summarize_stack(t) == diagnose.LOCK_WAIT for t in dumps.values()):
             for path in find_build_locks(extension_root({**os.environ, **a.job.env})):
@@ -377,11 +356,11 @@ class _Supervisor:
                 if info is not None and (info.holders or info.builders):  # stale: swept below
                     notes.append(f"lock {info.path}: {info.describe()}")
         notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
-        hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
+        hint = diagnose.hang_hint(dumps, stopped=a.stacks.stopped, signalled=a.stacks.signalled,
                                   run_dir=a.job.run_dir, lock_notes=notes)
         reason = f"hung: no progress for {self._timeout(a):g}s; {hint}"
         diagnose.log_dumps(a.job.log_path, reason, dumps)
-        a.dump_until = None
+        a.stacks = None
         return reason
 
     def _ended(self, a: _Active) -> None:
