@@ -48,6 +48,19 @@ def file_baton_class():
     return module.FileBaton
 
 
+def _diagnose_module():
+    """``lag_ds/launch/diagnose.py`` loaded by itself (stdlib only): importing the ``lag_ds``
+    package would slow every start-up of this stand-in."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lag_ds_launch_diagnose", HERE.parents[1] / "lag_ds" / "launch" / "diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_lock_path() -> Path:
     return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fake_op" / "lock"
 
@@ -90,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="apply --mode only on the first launch (a transient failure)")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
     args = p.parse_args(argv)
-    sys.path.insert(0, str(HERE.parents[1]))
-    from lag_ds.launch.diagnose import register_stack_dump
-
-    register_stack_dump()
+    _diagnose_module().register_stack_dump()
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rank = int(os.environ.get("RANK", "0"))

@@ -1,9 +1,10 @@
 """An orchestrator for tests that must run *inside* an allocation (e.g. a SLURM batch job).
 
 ``python launch_driver.py SPEC.json`` reads ``{"root": DIR, "jobs": {name: {fake trainer
-options}}, "run_jobs": {keyword arguments of run_jobs}, "allocation": "slurm" | N}``, runs the
-fake-trainer jobs with :func:`lag_ds.launch.run_jobs` and writes ``DIR/allocation.json`` (the
-allocation it saw) and ``DIR/results.json`` (state, reason, attempt, exit code per job).
+options} or {"jobspec": {script, module, args, env}}}, "run_jobs": {keyword arguments of
+run_jobs}, "allocation": "slurm" | N}``, runs the jobs (in ``DIR/<name>``) with
+:func:`lag_ds.launch.run_jobs` and writes ``DIR/allocation.json`` (the allocation it saw) and
+``DIR/results.json`` (state, reason, attempt, exit code per job).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fake_trainer as ft  # noqa: E402
 
-from lag_ds.launch import Allocation, run_jobs  # noqa: E402
+from lag_ds.launch import Allocation, JobSpec, run_jobs  # noqa: E402
 
 
 def main(spec_path: str) -> int:
@@ -26,7 +27,9 @@ def main(spec_path: str) -> int:
              else Allocation.local(int(spec["allocation"])))
     (root / "allocation.json").write_text(json.dumps(
         [[h.name, h.slots] for h in alloc.hosts]))
-    jobs = [ft.job(root, name, **options) for name, options in spec["jobs"].items()]
+    jobs = [JobSpec(name=name, run_dir=root / name, **options["jobspec"])
+            if "jobspec" in options else ft.job(root, name, **options)
+            for name, options in spec["jobs"].items()]
     kwargs = dict(spec.get("run_jobs", {}))
     kwargs.setdefault("journal_path", str(root / "journal.jsonl"))
     results = run_jobs(jobs, alloc, **kwargs)

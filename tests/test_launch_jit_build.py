@@ -110,6 +110,9 @@ def test_network_filesystem_needs_an_old_lock(tmp_path):
     assert info("nfs4", 700).is_stale(min_age_network_s=600)
     assert info("ext4", 0).is_stale(min_age_network_s=600)
     assert "on nfs4" in info("nfs4", 700).describe()
+    foreign = LockInfo(path=tmp_path / "lock", inode=(0, 0), mtime_ns=0, holders=(), builders=(),
+                       fs_type="ext4", foreign=True, foreign_uid=1234)
+    assert not foreign.is_stale(min_age_network_s=0) and "uid 1234" in foreign.describe()
     assert filesystem_type(Path("/proc/self")) == "proc"
 
 

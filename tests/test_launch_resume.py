@@ -127,6 +127,28 @@ def test_job_killed_with_the_orchestrator_is_restarted_and_resumes(root):
     assert load_curve(root / "x" / "metrics.jsonl").steps.tolist() == list(range(0, 61, 5))
 
 
+def test_job_killed_by_a_signal_while_the_orchestrator_was_down_is_restarted(root):
+    """scancel of an allocation SIGTERMs everything at once: srun may still record 143."""
+    jobs = {"x": {"steps": 60, "sleep_per_step": 0.04, "eval_interval": 5}}
+    orch = _orchestrator(root, jobs)
+    _wait_for(lambda: (root / "x" / "ckpt.json").exists(), what="a checkpoint")
+    orch.send_signal(signal.SIGKILL)
+    orch.wait()
+    rec = Journal(root / "journal.jsonl").replay()["x"]
+    (launch,) = ft.launches(root / "x")
+    os.kill(launch["pid"], signal.SIGTERM)  # the trainer dies of it, its wrapper records 143
+    _wait_for(lambda: not group_members(rec.pgid), what="the job to end")
+    assert (root / "x" / "launcher.exit").read_text().strip() == "143"
+
+    results = _rerun(root, jobs)
+    assert (results["x"].state, results["x"].attempt) == ("finished", 1)
+    reasons = [r.reason for r in Journal(root / "journal.jsonl").records() if r.candidate == "x"]
+    assert ("restart: ended by a signal (exit code 143) while the orchestrator was down"
+            in reasons)
+    assert rec.attempt == 1 and len(ft.launches(root / "x")) == 2
+    assert load_curve(root / "x" / "metrics.jsonl").steps.tolist() == list(range(0, 61, 5))
+
+
 def test_job_started_but_never_journaled_as_running_is_adopted(root):
     # The orchestrator died between spawning the job and journaling its pid.
     job = ft.job(root, "y", steps=20, sleep_per_step=0.03)

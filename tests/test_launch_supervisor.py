@@ -92,16 +92,16 @@ def test_crash_hang_nan_fail_with_reasons_while_siblings_finish(tmp_path, journa
         ft.job(tmp_path, "nan_exit", steps=30, mode="nan-exit", fail_at=2),
         ft.job(tmp_path, "ok_b", steps=30, sleep_per_step=0.02),
     ]
-    results = _run(jobs, journal_path, hang_timeout_s=1.5, max_retries=0)
+    results = _run(jobs, journal_path, hang_timeout_s=3.0, max_retries=0)
     got = {n: (r.state, r.reason) for n, r in results.items()}
     # the hang's reason says where the rank was stuck (its stack, dumped before the kill)
-    assert re.fullmatch(r"hung: no progress for 1\.5s; rank 0 at fake_trainer\.py:\d+ in main; "
+    assert re.fullmatch(r"hung: no progress for 3s; rank 0 at fake_trainer\.py:\d+ in main; "
                         r"stacks in .*/hang/stack-rank\*\.txt", got["hang"][1]), got["hang"]
     got["hang"] = (got["hang"][0], got["hang"][1].split(";")[0])
     assert got == {
         "ok_a": ("finished", ""),
         "crash": ("failed", "exit code 1"),
-        "hang": ("failed", "hung: no progress for 1.5s"),
+        "hang": ("failed", "hung: no progress for 3s"),
         "nan": ("failed", "non-finite loss at step 4"),
         "nan_exit": ("failed", "non-finite loss"),
         "ok_b": ("finished", ""),

@@ -1,7 +1,12 @@
 """Launching candidate jobs: allocations, slices, commands, supervision, journal.
 
 Knows nothing of models: a job is a command + environment + run directory, and the only thing
-read back is ``metrics.jsonl``.  Entry point: :func:`run_jobs`.
+read back is ``metrics.jsonl``.  Entry point: :func:`run_jobs`; call
+:func:`prepare_deepspeed_ops` once before the first DeepSpeed job (it builds/loads DeepSpeed's
+JIT ops and removes stale build locks, see ``jit_build.py``).  Launchers: the ``deepspeed``
+runner (local, or hostfile + pdsh/ssh), ``srun`` job steps inside a SLURM allocation, and
+``direct`` for tests.  A hung job is stopped with a diagnosis of what it waited on
+(``diagnose.py``).
 """
 
 from lag_ds.launch.allocation import LOCALHOST, Allocation, Host, Slice, expand_nodelist

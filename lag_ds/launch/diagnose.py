@@ -25,7 +25,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -155,6 +157,45 @@ def new_dumps(run_dir: Path, before: dict[Path, int]) -> dict[str, str]:
                 text = f.read().decode(errors="replace")
             out[path.name[len("stack-rank"):-len(".txt")]] = text
     return out
+
+
+@dataclass(kw_only=True)
+class StackRequest:
+    """SIGUSR1 sent to a hung job's processes; :meth:`done` once the dumps came back (the stack
+    files grew, then stayed the same for 0.3 s) or ``wait_s`` passed."""
+
+    run_dir: Path
+    deadline: float
+    sizes: dict[Path, int]
+    """Stack file sizes before the request: what was there belongs to earlier dumps."""
+    signalled: int
+    stopped: tuple[str, ...]
+    """Processes in state T (they cannot answer), as ``rank R`` or ``pid N``."""
+    _seen: tuple[int, float] = (0, 0.0)
+
+    @classmethod
+    def send(cls, pids: Sequence[int], *, run_dir: Path, wait_s: float) -> "StackRequest":
+        stopped = tuple(label(p) for p in pids if is_stopped(p) and catches(p, signal.SIGUSR1))
+        sizes = stack_file_sizes(run_dir)
+        signalled = len(send_dump_signal(pids))
+        now = time.monotonic()
+        return cls(run_dir=Path(run_dir), deadline=now + (wait_s if signalled else 0.0),
+                   sizes=sizes, signalled=signalled, stopped=stopped, _seen=(0, now))
+
+    def done(self) -> bool:
+        now = time.monotonic()
+        if now >= self.deadline:
+            return True
+        grown = sum(max(0, n - self.sizes.get(p, 0))
+                    for p, n in stack_file_sizes(self.run_dir).items())
+        if grown != self._seen[0]:
+            self._seen = (grown, now)
+            return False
+        return grown > 0 and now - self._seen[1] >= 0.3
+
+    def collect(self) -> dict[str, str]:
+        """The new dumps, by rank."""
+        return new_dumps(self.run_dir, self.sizes)
 
 
 def hang_hint(dumps: dict[str, str], *, stopped: Sequence[str] = (), signalled: int,

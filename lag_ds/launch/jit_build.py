@@ -15,6 +15,8 @@ A lock is **stale** here when
 * no live process has its working directory in the build directory (a killed owner's orphaned
   ``ninja``/``c++`` may still be writing there; removing the lock then would let a second build
   run over it), and
+* the file belongs to us (or we are root): another user's processes' fds are not ours to read,
+  so a lock another user took is never judged stale;
 * the directory is on a local filesystem -- on a network filesystem (NFS home directories are
   common on clusters) the owner may be a process on another host, invisible in our ``/proc``,
   so there the file must also be older than ``min_age_network_s``.
@@ -163,6 +165,9 @@ class LockInfo:
     builders: tuple[int, ...]
     """Live processes working in the build directory (an orphaned ninja/c++)."""
     fs_type: str
+    foreign: bool = False
+    """Owned by another user while we are not root: its owner's fds are invisible to us."""
+    foreign_uid: int = -1
 
     @property
     def network_fs(self) -> bool:
@@ -177,7 +182,7 @@ class LockInfo:
         return time.time() - self.created
 
     def is_stale(self, *, min_age_network_s: float) -> bool:
-        if self.holders or self.builders:
+        if self.holders or self.builders or self.foreign:
             return False
         return not self.network_fs or self.age_s >= min_age_network_s
 
@@ -187,6 +192,8 @@ class LockInfo:
         if self.holders:
             who = ", ".join(f"pid {p} ({command_line(p)})" for p in self.holders)
             return f"held by {who} since {when}"
+        if self.foreign:
+            return f"taken by another user (uid {self.foreign_uid}) since {when}; not ours to judge"
         if self.builders:
             return (f"owner gone, but pids {list(self.builders)} still build in "
                     f"{self.path.parent}")
@@ -203,7 +210,9 @@ def inspect_lock(path: Path) -> LockInfo | None:
     except FileNotFoundError:
         return None
     ino = (st.st_dev, st.st_ino)
-    return LockInfo(path=path, inode=ino, mtime_ns=st.st_mtime_ns, holders=tuple(_holders(path, ino)),
+    foreign = st.st_uid != os.geteuid() and os.geteuid() != 0
+    return LockInfo(path=path, inode=ino, mtime_ns=st.st_mtime_ns, foreign=foreign,
+                    foreign_uid=st.st_uid, holders=tuple(_holders(path, ino)),
                     builders=tuple(_builders(path.parent)), fs_type=filesystem_type(path))
 
 

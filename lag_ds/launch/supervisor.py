@@ -11,13 +11,14 @@ Supervision (RELIABILITY item 7) -- a failure is recorded with its reason and th
 * no new metrics record for ``hang_timeout_s`` -> first the ranks' stacks (SIGUSR1 to the
   processes that catch it, up to ``stack_dump_s`` to answer, see ``diagnose.py``), then SIGTERM to
   the group, SIGKILL after ``kill_grace_s`` -> failed "hung: no progress for Ns; <what the ranks
-  waited on>; stacks in RUN_DIR/stack-rank*.txt" (the timeout must cover start-up, e.g.
-  DeepSpeed's first JIT build, and checkpoint I/O);
+  waited on>; stacks in RUN_DIR/stack-rank*.txt" (the timeout must cover checkpoint I/O; until
+  a launch's first record ``startup_timeout_s`` applies instead, default the same: it must cover
+  start-up, e.g. imports on a loaded box and DeepSpeed's first JIT build);
 * a NaN/inf train or val loss in ``metrics.jsonl`` -> stopped the same way -> failed
   "non-finite loss at step S";
 * stale JIT-build locks (``jit_build.py``) under the jobs' torch extension roots are removed
-  before each launch, after each job ends and when a job is found hung, so that a job killed
-  while holding one never stalls the others;
+  before each launch, after each job ends, every ``LOCK_SWEEP_S`` and when a job is found hung,
+  so that a process killed while holding one (a job, or anything else) never stalls the others;
 * crashes and hangs are retried up to ``max_retries`` times (transient: a node, a port, a
   filesystem hiccup); non-finite losses are not -- the same data and seed diverge again.
 
@@ -25,7 +26,8 @@ Resume (RELIABILITY item 8): every state change goes to the :class:`Journal` fir
 with the same journal skips finished/failed candidates; for one recorded as launching/running it
 looks for the live job (pid file + command line, see ``process.py``) and *adopts* it -- keeps
 polling it, starts no duplicate; if the job is gone, its exit file says how it ended, and with no
-exit file it is started again (the trainer resumes from its own checkpoint).  A lock file keeps
+exit file, or one saying a signal killed it (as ``scancel`` of the allocation does to everything
+at once), it is started again (the trainer resumes from its own checkpoint).  A lock file keeps
 two orchestrators off one journal.
 
 Example::
@@ -84,6 +86,14 @@ from lag_ds.launch.progress import ProgressReporter, ProgressRow
 from lag_ds.launch.watch import MetricsWatcher, last_status_line
 
 NON_FINITE_EXIT_CODE = 3
+LOCK_SWEEP_S = 10.0
+"""How often running jobs' extension roots are checked for stale JIT-build locks (cheap: a glob,
+and a /proc scan only when a lock file exists)."""
+
+
+def _signal_death(code: int) -> bool:
+    """Exit status of a process killed by a signal (negative from Popen, 128+N from a shell)."""
+    return code < 0 or 128 < code <= 128 + 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,12 +121,8 @@ class _Active:
     stop_reason: str | None = None
     stop_retryable: bool = False
     kill_at: float | None = None
-    dump_until: float | None = None
+    stacks: diagnose.StackRequest | None = None
     """Set while the ranks of a hung job are dumping their stacks."""
-    dump_sizes: dict[Path, int] | None = None
-    dump_signalled: int = 0
-    dump_stopped: tuple[str, ...] = ()
-    dump_seen: tuple[int, float] = (0, 0.0)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def eta_s(self) -> float | None:
@@ -147,7 +153,7 @@ class _Supervisor:
                  hostfile: Path | None, hang_timeout_s: float, max_retries: int,
                  poll_interval_s: float, launcher: Launcher, progress: ProgressReporter | None,
                  base_port: int, kill_grace_s: float, ssh_check: bool,
-                 stack_dump_s: float) -> None:
+                 stack_dump_s: float, startup_timeout_s: float) -> None:
         self.jobs = {j.name: j for j in jobs}
         self.slices = slices
         self.journal = journal
@@ -161,6 +167,7 @@ class _Supervisor:
         self.kill_grace_s = kill_grace_s
         self.ssh_check = ssh_check
         self.stack_dump_s = stack_dump_s
+        self.startup_timeout_s = startup_timeout_s
         self.lock_roots = sorted({extension_root({**os.environ, **j.env}) for j in jobs})
         self.queue: collections.deque[str] = collections.deque()
         self.attempts: dict[str, int] = {}
@@ -194,15 +201,22 @@ class _Supervisor:
                 if rec.pgid is not None and rec.start_ticks is not None:
                     kill_leftovers(rec.pgid, started_since=rec.start_ticks)
                 code = read_exit_code(job.exit_path)
-                if code is not None:  # it ended while nobody watched
+                if code is not None and not _signal_death(code):  # ended while nobody watched
                     watcher = MetricsWatcher(job.metrics_path)
                     bad = self._read_metrics(watcher)
                     verdict = (("failed", bad, False) if bad
                                else self._judge_exit(code, watcher, job.log_path))
                     self._conclude(job, rec.attempt, *verdict, code)
                 else:
-                    reason = "restart: process gone without a recorded end"
-                    self._record(name, "pending", attempt=rec.attempt, reason=reason)
+                    # Killed by a signal while the orchestrator was gone too: most likely by
+                    # what ended the orchestrator (scancel of the allocation, a lost node, a
+                    # Ctrl-C to the group), not the candidate's own failure -- restart it; the
+                    # trainer resumes from its checkpoint.
+                    reason = ("restart: process gone without a recorded end" if code is None else
+                              f"restart: ended by a signal (exit code {code}) while the "
+                              "orchestrator was down")
+                    self._record(name, "pending", attempt=rec.attempt, reason=reason,
+                                 exit_code=code)
                     self._enqueue(name, attempt=rec.attempt, reason=reason)
             else:
                 self._enqueue(name, attempt=rec.attempt, reason=rec.reason)
@@ -321,11 +335,17 @@ class _Supervisor:
             self._stop(a, bad, retryable=False)
         elif a.watcher.non_finite is not None:
             self._stop(a, f"non-finite loss at step {a.watcher.non_finite[0]}", retryable=False)
-        elif a.dump_until is not None:
-            if now >= a.dump_until or self._dumps_settled(a):
+        elif a.stacks is not None:
+            if a.stacks.done():
                 self._stop(a, self._hang_reason(a), retryable=True)
-        elif now - a.last_progress > self.hang_timeout_s:
-            self._request_stacks(a)
+        elif now - a.last_progress > self._timeout(a):
+            members = group_members(a.handle.pgid, started_since=a.handle.start_ticks)
+            a.stacks = diagnose.StackRequest.send(members, run_dir=a.job.run_dir,
+                                                  wait_s=self.stack_dump_s)
+
+    def _timeout(self, a: _Active) -> float:
+        """No-progress limit: start-up until the launch's first record, then the hang timeout."""
+        return self.hang_timeout_s if a.watcher.records_seen else self.startup_timeout_s
 
     def _sweep_locks(self) -> list[str]:
         """Remove stale JIT-build locks under the jobs' extension roots; say so on stderr."""
@@ -336,41 +356,21 @@ class _Supervisor:
             print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
         return messages
 
-    def _request_stacks(self, a: _Active) -> None:
-        """Ask a hung job's ranks for their stacks; :meth:`_check` stops it once they answered
-        or ``stack_dump_s`` passed."""
-        members = group_members(a.handle.pgid, started_since=a.handle.start_ticks)
-        a.dump_stopped = tuple(diagnose.label(p) for p in members
-                               if diagnose.is_stopped(p) and diagnose.catches(p, signal.SIGUSR1))
-        a.dump_sizes = diagnose.stack_file_sizes(a.job.run_dir)
-        a.dump_signalled = len(diagnose.send_dump_signal(members))
-        a.dump_until = time.monotonic() + (self.stack_dump_s if a.dump_signalled else 0.0)
-        a.dump_seen = (0, time.monotonic())
-
-    def _dumps_settled(self, a: _Active) -> bool:
-        """Some dump came back and the stack files stopped growing for 0.3 s."""
-        sizes = diagnose.stack_file_sizes(a.job.run_dir)
-        grown = sum(max(0, n - a.dump_sizes.get(p, 0)) for p, n in sizes.items())
-        if grown != a.dump_seen[0]:
-            a.dump_seen = (grown, time.monotonic())
-            return False
-        return grown > 0 and time.monotonic() - a.dump_seen[1] >= 0.3
-
     def _hang_reason(self, a: _Active) -> str:
-        dumps = diagnose.new_dumps(a.job.run_dir, a.dump_sizes or {})
+        """What the hung job waited on (its stacks, the build locks), logged to launcher.log."""
+        dumps = a.stacks.collect()
         notes = []
         if any(diagnose.summarize_stack(t) == diagnose.LOCK_WAIT for t in dumps.values()):
-            for root in self.lock_roots:
-                for path in find_build_locks(root):
-                    info = inspect_lock(path)
-                    if info is not None:
-                        notes.append(f"lock {info.path}: {info.describe()}")
+            for path in find_build_locks(extension_root({**os.environ, **a.job.env})):
+                info = inspect_lock(path)
+                if info is not None and (info.holders or info.builders):  # stale: swept below
+                    notes.append(f"lock {info.path}: {info.describe()}")
         notes += [f"{m} while diagnosing" for m in self._sweep_locks()]
-        hint = diagnose.hang_hint(dumps, stopped=a.dump_stopped, signalled=a.dump_signalled,
+        hint = diagnose.hang_hint(dumps, stopped=a.stacks.stopped, signalled=a.stacks.signalled,
                                   run_dir=a.job.run_dir, lock_notes=notes)
-        reason = f"hung: no progress for {self.hang_timeout_s:g}s; {hint}"
+        reason = f"hung: no progress for {self._timeout(a):g}s; {hint}"
         diagnose.log_dumps(a.job.log_path, reason, dumps)
-        a.dump_until = None
+        a.stacks = None
         return reason
 
     def _ended(self, a: _Active) -> None:
@@ -448,9 +448,11 @@ class _Supervisor:
 
     def run(self) -> dict[str, JobResult]:
         shown: tuple = ()
+        last_sweep = time.monotonic()
         while self.queue or self.active:
-            if self.queue and self.free:
+            if (self.queue and self.free) or time.monotonic() - last_sweep >= LOCK_SWEEP_S:
                 self._sweep_locks()
+                last_sweep = time.monotonic()
             while self.queue and self.free:
                 self._launch(self.queue.popleft(), self.free.pop(0))
             time.sleep(self.poll_interval_s)
@@ -469,11 +471,15 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
              poll_interval_s: float = 1.0, launcher: Launcher = "deepspeed",
              progress: ProgressReporter | None = None, base_port: int = DEFAULT_BASE_PORT,
              kill_grace_s: float = 10.0, ssh_check: bool = True,
-             stack_dump_s: float = 5.0) -> dict[str, JobResult]:
+             stack_dump_s: float = 5.0,
+             startup_timeout_s: float | None = None) -> dict[str, JobResult]:
     """Run every job to an end (finished or failed) and return the results by name.
 
     Re-running with the same ``journal_path`` resumes: see the module docstring.
+    ``startup_timeout_s`` (default ``hang_timeout_s``) is the no-progress limit until a launch's
+    first metrics record; ``stack_dump_s`` how long a hung job's ranks get to dump their stacks.
     """
+    startup_timeout_s = hang_timeout_s if startup_timeout_s is None else startup_timeout_s
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"run_jobs: duplicate job names in {names}")
@@ -481,7 +487,8 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
     if len(set(run_dirs)) != len(run_dirs):
         raise ValueError("run_jobs: two jobs share a run_dir")
     for arg, value in (("hang_timeout_s", hang_timeout_s), ("poll_interval_s", poll_interval_s),
-                       ("kill_grace_s", kill_grace_s), ("stack_dump_s", stack_dump_s)):
+                       ("kill_grace_s", kill_grace_s), ("stack_dump_s", stack_dump_s),
+                       ("startup_timeout_s", startup_timeout_s)):
         if not value > 0:
             raise ValueError(f"run_jobs: {arg} must be > 0, got {value}")
     if max_retries < 0:
@@ -499,6 +506,6 @@ def run_jobs(jobs: Sequence[JobSpec], allocation: Allocation, *, slots_per_slice
                           hang_timeout_s=hang_timeout_s, max_retries=max_retries,
                           poll_interval_s=poll_interval_s, launcher=launcher, progress=progress,
                           base_port=base_port, kill_grace_s=kill_grace_s, ssh_check=ssh_check,
-                          stack_dump_s=stack_dump_s)
+                          stack_dump_s=stack_dump_s, startup_timeout_s=startup_timeout_s)
         sup.resume()
         return sup.run()
