@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                                 list(args.train_overrides))
         launch = Launch(allocation=parse_allocation(args.allocation),
                         slots_per_slice=args.slots_per_slice, hang_timeout_s=args.hang_timeout_s,
-                        max_retries=args.max_retries, base_port=args.base_port)
+                        max_retries=args.max_retries, base_port=args.base_port,
+                    launcher=Launch.launcher_for(args.allocation))
         launch.allocation.split(args.slots_per_slice)
         out = Path(args.out_dir)
         ops = prepare_deepspeed_ops(timeout_s=args.hang_timeout_s * 3, log=log)

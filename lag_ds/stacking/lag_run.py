@@ -118,7 +118,8 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
     _check_topology(cfg, train_cfg, allocation)
     launch = Launch(allocation=allocation, slots_per_slice=cfg.slots_per_slice,
                     hang_timeout_s=cfg.hang_timeout_s, max_retries=cfg.max_retries,
-                    base_port=cfg.base_port)
+                    base_port=cfg.base_port,
+                    launcher=Launch.launcher_for(cfg.allocation))
     policy = cfg.race_policy()
     clock = PhaseClock()
     # Build/load DeepSpeed's JIT ops once, here, clearing a stale build lock left by a killed

@@ -65,6 +65,13 @@ class Launch:
     max_retries: int = 0
     base_port: int = 29600
     poll_interval_s: float = 1.0
+    launcher: str = "deepspeed"
+    """``deepspeed`` (the runner; pdsh/ssh across hosts) or ``srun`` (SLURM job steps, no ssh:
+    what an allocation read from SLURM uses; the orchestrator runs in the batch script)."""
+
+    @staticmethod
+    def launcher_for(allocation_spec: str) -> str:
+        return "srun" if allocation_spec == "slurm" else "deepspeed"
 
     def run(self, jobs: list[JobSpec], *, journal: Path, whole: bool = False) -> dict:
         return run_jobs(jobs, journal_path=journal, **self.run_kw(whole=whole))
@@ -74,7 +81,7 @@ class Launch:
         return dict(allocation=self.allocation, slots_per_slice=slots,
                     hang_timeout_s=self.hang_timeout_s, max_retries=self.max_retries,
                     poll_interval_s=self.poll_interval_s, progress=ProgressReporter(),
-                    base_port=self.base_port)
+                    base_port=self.base_port, launcher=self.launcher)
 
 
 @dataclass(frozen=True, kw_only=True)
