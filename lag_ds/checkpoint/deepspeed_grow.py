@@ -224,7 +224,17 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
         groups = ckpt.param_groups()
         if len(groups) != 1:
             raise ValueError(f"{ckpt.tag_dir}: ZeRO-0 growth supports one optimizer param group, found {len(groups)}")
-        optimizer = {"state": state, "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
+        optimizer: dict[str, Any] = {"state": state,
+                                     "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
+        if ckpt.mixed_precision_stage0:  # bf16/fp16 wrapper: fp32 masters beside the torch state
+            dtype = next(v.dtype for v in ckpt.model_states[0]["module"].values()
+                         if isinstance(v, torch.Tensor))
+            wrapper = {k: v for k, v in ckpt.model_states[0]["optimizer"].items()
+                       if k not in ("optimizer_state_dict", "fp32_groups")}
+            masters = [module[d.name] for d in dests]
+            for d in dests:
+                module[d.name] = module[d.name].to(dtype)
+            optimizer = {**wrapper, "optimizer_state_dict": optimizer, "fp32_groups": [masters]}
         meta = _metadata(ckpt, tp=tp, num_layers=num_layers, module=module, universal=False)
         meta["optimizer"] = optimizer
         torch.save(meta, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
