@@ -44,9 +44,10 @@ from lag_ds.checkpoint.megatron_layout import (
     split_layer_name,
     split_tp,
 )
+from lag_ds.checkpoint.recipes import OPTIMIZER_STATE_POLICIES, TensorKey, plan_recipes
 from lag_ds.growth import GrowthPlan
 
-OPTIMIZER_STATE_POLICIES = ("copy", "zero")
+__all__ = ["OPTIMIZER_STATE_POLICIES", "UNIVERSAL_POINTER", "grow_deepspeed_checkpoint"]
 UNIVERSAL_POINTER = "latest_universal"
 
 
@@ -64,22 +65,25 @@ class Destination:
 
 def plan_destinations(param_names: list[str], num_layers: int, plan: GrowthPlan | None, *,
                       where: str = "checkpoint") -> list[Destination]:
-    """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head)."""
+    """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head).
+
+    The plan is executed by :func:`lag_ds.checkpoint.recipes.plan_recipes` (the one executor every
+    format shares); this maps its format-neutral recipes onto megatron-core names."""
     if plan is None:
         return [Destination(n, n, False) for n in param_names]
     if plan.old_num_layers != num_layers:
         raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {where} has {num_layers}")
-    suffixes = [s[1] for n in param_names if (s := split_layer_name(n)) and s[0] == 0]
-    first_layer = min(i for i, n in enumerate(param_names) if split_layer_name(n))
-    before = param_names[:first_layer]
-    after = [n for n in param_names[first_layer:] if split_layer_name(n) is None]
-    out = [Destination(n, n, False) for n in before]
-    for src in plan.layers:
-        for suffix in suffixes:
-            zero = bool(src.zero_output_projections and suffix in OUTPUT_PROJECTION_SUFFIXES)
-            source = None if src.copy_from is None else layer_name(src.copy_from, suffix)
-            out.append(Destination(layer_name(src.new_index, suffix), source, src.is_new, zero, src.seed, suffix))
-    out += [Destination(n, n, False) for n in after]
+    keys = [TensorKey(*split) if (split := split_layer_name(n)) else TensorKey(None, n)
+            for n in param_names]
+    recipes = plan_recipes(keys, plan, is_output_projection=lambda s: s in OUTPUT_PROJECTION_SUFFIXES)
+    out = []
+    for r in recipes:
+        if r.dst.layer is None:
+            out.append(Destination(r.dst.name, r.dst.name, False))
+            continue
+        source = None if r.value == "random" else layer_name(r.src.layer, r.src.name)
+        out.append(Destination(layer_name(r.dst.layer, r.dst.name), source, r.is_new,
+                               r.value == "zero", r.seed, r.dst.name))
     return out
 
 
