@@ -36,6 +36,7 @@ import torch
 
 from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
+from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import write_manifest
 from lag_ds.checkpoint.megatron_layout import (
     OUTPUT_PROJECTION_SUFFIXES,
@@ -134,9 +135,7 @@ def grow_deepspeed_checkpoint(
     """Grow (``plan``) and/or reshard (``plan=None``) ``src`` into the new directory ``dst``; returns the manifest."""
     if optimizer_state not in OPTIMIZER_STATE_POLICIES:
         raise ValueError(f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, got {optimizer_state!r}")
-    dst = Path(dst)
-    if dst.exists():
-        raise ValueError(f"--dst {dst} already exists (refusing to overwrite)")
+    dst = check_destination(dst)
     ckpt = DeepSpeedCheckpoint(src, unsafe_load=unsafe_load)
     tp = target_tp or ckpt.tp
     dp = target_dp or ckpt.dp
@@ -156,7 +155,7 @@ def grow_deepspeed_checkpoint(
     with AtomicDirectory(dst) as tmp:
         tag_dir = tmp / ckpt.tag
         tag_dir.mkdir()
-        bar = _progress(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
+        bar = progress_bar(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
         if universal:
             _write_universal(ckpt, tag_dir, dests, policy=optimizer_state, std=init_std, num_layers=new_layers, bar=bar)
             (tmp / UNIVERSAL_POINTER).write_text(ckpt.tag)
@@ -273,9 +272,3 @@ def _metadata(ckpt: DeepSpeedCheckpoint, *, tp: int, num_layers: int,
     if universal:
         meta["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.4}
     return meta
-
-
-def _progress(enabled: bool, *, total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="param", disable=not enabled, dynamic_ncols=True)

@@ -173,9 +173,11 @@ def _load_builtin() -> None:
 
 def check_destination(dst: Path) -> Path:
     """The one destination check every writer runs before reading its source."""
+    from lag_ds.checkpoint.atomic import DestinationExistsError
+
     dst = Path(dst)
     if dst.exists():
-        raise ValueError(f"--dst {dst} already exists (refusing to overwrite)")
+        raise DestinationExistsError(f"destination already exists: {dst} (refusing to overwrite)")
     return dst
 
 
