@@ -27,6 +27,7 @@ Old layers' values and moments are bit-identical; new ones follow :mod:`.recipes
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -103,7 +104,7 @@ def grow_pipe_checkpoint(src: Path, dst: Path, plan: GrowthPlan | None, *,
         _layer_files(ck, names, recipes, plan, tag_dir, std=init_std, num_layers=num_layers,
                      counts=counts)
         _universal(ck, names, recipes, tag_dir / "zero", std=init_std, num_layers=num_layers, bar=bar)
-        _model_states(ck, names, recipes, tag_dir)
+        _model_states(ck, names, recipes, tag_dir, num_layers=num_layers)
         (tmp / UNIVERSAL_POINTER).write_text(ck.tag)
         bar.close()
         manifest = write_manifest(
@@ -202,11 +203,19 @@ def _universal(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe], z
     torch.save({**ck.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
 
 
-def _model_states(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe],
-                  tag_dir: Path) -> None:
-    """One metadata-only ``mp_rank`` file per TP rank (universal loading reads steps from it)."""
+def _model_states(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe], tag_dir: Path, *,
+                  num_layers: int) -> None:
+    """One metadata-only ``mp_rank`` file per TP rank (universal loading reads steps from it).
+
+    A layer count the training program stored beside DeepSpeed's keys (``num_layers``, or
+    Megatron's ``args.num_layers``, which it checks on load) is set to the grown depth."""
     for tp in range(ck.tp):
         meta = dict(ck.model_states[tp])
+        if "num_layers" in meta:
+            meta["num_layers"] = num_layers
+        if hasattr(meta.get("args"), "num_layers"):
+            meta["args"] = copy.copy(meta["args"])
+            meta["args"].num_layers = num_layers
         shapes = {names.dest(r.dst): torch.Size(ck.local_shape(names.source(r.src), tp))
                   for r in recipes}
         meta.update(module=None, optimizer=None, param_shapes=[shapes], mp_world_size=ck.tp,
