@@ -22,7 +22,8 @@ _DS_OPTIONS = frozenset({"target_tp", "target_dp", "optimizer_state", "init_std"
 def _pipe_sniff(path: Path) -> bool:
     from lag_ds.checkpoint.deepspeed_pipe import resolve_pipe_dir
 
-    return resolve_pipe_dir(path) is not None and not (path / UNIVERSAL_POINTER).exists()
+    tag_dir = resolve_pipe_dir(path)
+    return tag_dir is not None and not (tag_dir / "zero" / "optimizer_state.pt").exists()
 
 
 def _pipe_layer_count(tag_dir: Path, *, unsafe_load: bool) -> tuple[int, str]:

@@ -14,7 +14,8 @@ pipe stacks, built from ``LayerSpec`` / ``TiedLayerSpec`` lists:
 
 Env: MODE (save|load), STYLE, LAYERS, PP, TIED (1|0), BF16 (1|0), STAGE (ZeRO 0|1), SEED, OUT
 (dump prefix), DIR (checkpoint dir to save to / load from), UNIVERSAL (1: load_universal),
-TRAIN_STEPS, TOPO (model|plain: PipeModelDataParallelTopology or PipeDataParallelTopology).
+TRAIN_STEPS, TOPO (model|plain: PipeModelDataParallelTopology or PipeDataParallelTopology),
+VOCAB / HIDDEN (model size, default 64 / 16).
 
 Writes ``OUT.pp<stage>`` (every parameter's fp32 master value and Adam moments, from stage's DP
 rank 0) and ``OUT.json`` (global rank 0: eval loss on a fixed batch before and after training,
@@ -40,7 +41,8 @@ from torch import nn
 env = os.environ
 STYLE, LAYERS, PP = env.get("STYLE", "megatron"), int(env["LAYERS"]), int(env.get("PP", "1"))
 TIED, BF16, STAGE = env.get("TIED", "1") == "1", env.get("BF16", "0") == "1", int(env.get("STAGE", "1"))
-VOCAB, HIDDEN, HEADS, SEQ, MICRO = 64, 16, 2, 8, 2
+VOCAB, HIDDEN = int(env.get("VOCAB", "64")), int(env.get("HIDDEN", "16"))
+HEADS, SEQ, MICRO = 2, 8, 2
 
 
 class Embedding(nn.Module):
