@@ -23,7 +23,7 @@ import torch
 from conftest import BIN, REPO, deepspeed_env
 
 from lag_ds.checkpoint.deepspeed_pipe import PipeCheckpoint
-from lag_ds.checkpoint.formats import read_checkpoint_info
+from lag_ds.checkpoint.formats import CheckpointReader, open_checkpoint, read_checkpoint_info
 from lag_ds.growth import parse_operator, plan_growth
 from lag_ds.train.distributed import free_port
 
@@ -216,6 +216,21 @@ def test_roles_come_from_names_not_offsets(sources):
     assert (ck.pp, ck.tp, ck.dp, ck.bf16) == (2, 1, 1, False)
     ck = PipeCheckpoint(sources["bf16_z1_dp2"]["dir"])
     assert (ck.pp, ck.tp, ck.dp, ck.bf16, ck.optim_prefix) == (1, 1, 2, True, "bf16_")
+
+
+def test_reader_protocol_values_equal_what_deepspeed_held(sources):
+    """The seam's reader gives, for every parameter, the fp32 master and moments the live engine
+    had (dumped by the stock process), gathered over DP partitions and pipeline stages."""
+    for name in ("meg_pp2", "bf16_z1_dp2"):
+        reader = open_checkpoint(sources[name]["dir"])
+        assert isinstance(reader, CheckpointReader) and reader.format == "deepspeed-pipe"
+        assert (reader.num_layers, reader.global_steps) == (LAYERS, STEPS)
+        dump = sources[name]["dump"]
+        assert sorted(reader.param_names()) == sorted(dump)
+        for param in reader.param_names():
+            assert reader.full_shape(param) == tuple(dump[param]["fp32"].shape)
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(reader.value(param, key), dump[param][key]), (name, param, key)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -124,10 +124,31 @@ def _zero_grow(src, dst, plan, *, show_progress=True, **options):
     return grow_deepspeed_checkpoint(src, dst, plan, show_progress=show_progress, **options)
 
 
-def _zero_open(path: Path, *, unsafe_load: bool = False):
+class _ZeroReader:
+    """:class:`~lag_ds.checkpoint.formats.CheckpointReader` view of a ``DeepSpeedCheckpoint``."""
+
+    format, family = "deepspeed", "megatron-core-gpt"
+
+    def __init__(self, ck) -> None:
+        self.ck, self.num_layers, self.global_steps = ck, ck.num_layers, ck.global_steps
+
+    def param_names(self) -> list[str]:
+        return list(self.ck.param_names)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return self.ck.full_shapes[name]
+
+    def tp_rule(self, name: str):
+        return self.ck.rules[name]
+
+    def value(self, name: str, key: str = "fp32"):
+        return self.ck.full_value(name, key)
+
+
+def _zero_open(path: Path, *, unsafe_load: bool = False) -> _ZeroReader:
     from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
 
-    return DeepSpeedCheckpoint(path, unsafe_load=unsafe_load)
+    return _ZeroReader(DeepSpeedCheckpoint(path, unsafe_load=unsafe_load))
 
 
 # ---------------------------------------------------------------- Hugging Face safetensors
