@@ -278,7 +278,7 @@ class PipeCheckpoint:
         missing = param_set - set(self.names)
         if missing:
             raise ValueError(f"{self.tag_dir}: parameter {sorted(missing)[0]} is in no layer file")
-        self.holder = {}  # pipe name -> first mp_rank holding it, per TP rank offset 0
+        self.holder: dict[tuple[str, int], int] = {}  # (name, tp rank) -> first mp_rank holding it
         for m, params in enumerate(self.stage_params):
             for name in params:
                 self.holder.setdefault((name, m % self.tp), m)
