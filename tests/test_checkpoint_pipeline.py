@@ -291,6 +291,12 @@ def test_mismatched_pipeline_count(sources, tmp_path):
     _fails(tag, tmp_path, "mp_rank_00_model_states.pt", "mp_world_size=2")
 
 
+def test_mismatched_tensor_parallel_count(sources, tmp_path):
+    tag = _broken(sources, tmp_path)  # one layer claims a second TP rank the others lack
+    shutil.copyfile(tag / "layer_03-model_00-model_states.pt", tag / "layer_03-model_01-model_states.pt")
+    _fails(tag, tmp_path, "layer_01-model_01-model_states.pt: missing")
+
+
 def test_missing_optimizer_partition(sources, tmp_path):
     tag = _broken(sources, tmp_path, "meg_dp2")
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
