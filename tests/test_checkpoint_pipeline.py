@@ -62,15 +62,25 @@ def run_pipe(ranks: int, out: Path, **env_vars: str) -> dict:
     return report
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("pipe_sources")
-    out = {}
-    for name, (ranks, env) in SOURCES.items():
-        report = run_pipe(ranks, root / name, MODE="save", DIR=str(root / f"{name}_ck"),
+class _Sources(dict):
+    """Stock-DeepSpeed source checkpoints, each written on first use (a test selected with -k
+    builds only what it needs)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> dict:
+        ranks, env = SOURCES[name]
+        report = run_pipe(ranks, self.root / name, MODE="save", DIR=str(self.root / f"{name}_ck"),
                           TRAIN_STEPS=str(STEPS), **env)
-        out[name] = {"dir": root / f"{name}_ck", "env": env, **report}
-    return out
+        self[name] = {"dir": self.root / f"{name}_ck", "env": env, **report}
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> _Sources:
+    return _Sources(tmp_path_factory.mktemp("pipe_sources"))
 
 
 def grow(src: Path, dst: Path, *args: str) -> subprocess.CompletedProcess:
