@@ -6,7 +6,8 @@ state -- fp32 master copies in ``fp32_groups``, moments in ``optimizer_state_dic
 fields beside them) and ZeRO
 stages 1/2 (``zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt``: a flat fp32 partition per param
 group, Adam moments of the same shape, ``param_slice_mappings`` saying where each parameter's
-fragment lies), any TP x DP. Pipeline parallelism and ZeRO-3 are refused.
+fragment lies), any TP x DP. ZeRO-3 is refused; pipeline layer files are read by
+:mod:`lag_ds.checkpoint.deepspeed_pipe` (the registry in :mod:`.formats` picks the reader).
 
 Why it streams: every file is opened with ``mmap=True``; :meth:`full_param` gathers one parameter's
 fragments from the DP partitions of each TP rank and merges the TP shards, so peak memory is a few
@@ -79,7 +80,8 @@ class DeepSpeedCheckpoint:
         if model_ranks != list(range(self.tp)):
             raise ValueError(f"{self.tag_dir}: model state files for TP ranks {model_ranks} are not 0..{self.tp - 1}")
         if any(f.startswith("layer_") for f in files):
-            raise ValueError(f"{self.tag_dir}: pipeline-parallel checkpoints (layer_*.pt) are not supported")
+            raise ValueError(f"{self.tag_dir}: pipeline layer files (layer_*.pt): open it with "
+                             "lag_ds.checkpoint.formats.open_checkpoint (deepspeed-pipe)")
         self.model_states = [load_checkpoint_file(self.tag_dir / f"mp_rank_{r:02d}_model_states.pt",
                                                   unsafe=unsafe_load) for r in range(self.tp)]
         meta = self.model_states[0]
