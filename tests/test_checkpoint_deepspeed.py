@@ -339,4 +339,4 @@ def test_layer_structure_is_read_from_names_and_shapes(sources):
     assert reader.full_shape("decoder.layers.0.mlp.linear_fc1.weight") == (128, 32)
     assert reader.tp_rule("decoder.layers.0.self_attention.linear_proj.weight").cat_dim == 1
     info = read_checkpoint_info(sources["z2tp2"] / "checkpoints")
-    assert (info.format, info.num_layers, info.step) == ("deepspeed", 2, STEPS)
+    assert (info.format, info.num_layers, info.step, info.zero_stage) == ("deepspeed", 2, STEPS, 2)

@@ -222,6 +222,10 @@ def test_roles_come_from_names_not_offsets(sources):
         assert sorted(set(ck.layer_files) - set(ck.layer_indices)) == others
         assert ck.tied_index == tied
     assert PipeCheckpoint(sources["neox_pp2"]["dir"]).role(8) == "head"
+    for name, stage in (("meg_pp2", 1), ("bf16_z0_old_pp2", 0)):
+        info = read_checkpoint_info(sources[name]["dir"])
+        assert (info.format, info.num_layers, info.step, info.zero_stage) == (
+            "deepspeed-pipe", LAYERS, STEPS, stage)
     ck = PipeCheckpoint(sources["meg_pp2"]["dir"])
     assert (ck.pp, ck.tp, ck.dp, ck.bf16) == (2, 1, 1, False)
     ck = PipeCheckpoint(sources["bf16_z1_dp2"]["dir"])

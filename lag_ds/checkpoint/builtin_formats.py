@@ -18,6 +18,10 @@ UNIVERSAL_POINTER = "latest_universal"
 _DS_OPTIONS = frozenset({"target_tp", "target_dp", "optimizer_state", "init_std", "unsafe_load"})
 
 
+def _zero_stage(meta: dict) -> int:
+    return int((meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+
+
 # ---------------------------------------------------------------- DeepSpeed pipeline layer files
 def _pipe_sniff(path: Path) -> bool:
     from lag_ds.checkpoint.deepspeed_pipe import resolve_pipe_dir
@@ -48,7 +52,7 @@ def _pipe_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:
     num_layers, family = _pipe_layer_count(tag_dir, unsafe_load=unsafe_load)
     meta = load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt", unsafe=unsafe_load)
     return CheckpointInfo("deepspeed-pipe", tag_dir, num_layers, int(meta.get("global_steps", 0)),
-                          family)
+                          family, _zero_stage(meta))
 
 
 def _pipe_grow(src, dst, plan, *, show_progress=True, **options):
@@ -115,7 +119,7 @@ def _zero_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:
     if num_layers == 0:
         raise ValueError(f"{tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)")
     return CheckpointInfo("deepspeed", tag_dir, num_layers, int(meta.get("global_steps", 0)),
-                          table.family)
+                          table.family, _zero_stage(meta))
 
 
 def _zero_grow(src, dst, plan, *, show_progress=True, **options):

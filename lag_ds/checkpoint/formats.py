@@ -61,6 +61,8 @@ class CheckpointInfo:
     step: int
     """Global (optimizer) step the checkpoint was saved at; 0 when the format has none (HF)."""
     family: str
+    zero_stage: int | None = None
+    """DeepSpeed ZeRO stage of the run that wrote it (native DeepSpeed layouts), else None."""
 
 
 @runtime_checkable
