@@ -22,6 +22,7 @@ import yaml
 from conftest import BIN, REPO, deepspeed_env
 
 from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
+from lag_ds.checkpoint.formats import CheckpointReader, open_checkpoint, read_checkpoint_info
 from lag_ds.checkpoint.megatron_layout import merge_tp, split_layer_name, tp_rule
 from lag_ds.growth import parse_operator, plan_growth
 from lag_ds.train.distributed import free_port
@@ -333,3 +334,9 @@ def test_layer_structure_is_read_from_names_and_shapes(sources):
     assert ck.full_shapes["decoder.layers.0.mlp.linear_fc1.weight"] == (128, 32)
     assert ck.full_shapes["decoder.layers.0.self_attention.linear_proj.weight"] == (32, 32)
     assert ck.full_shapes["embedding.word_embeddings.weight"] == (640, 32)
+    reader = open_checkpoint(sources["z2tp2"] / "checkpoints")  # the seam's view of the same files
+    assert isinstance(reader, CheckpointReader) and reader.num_layers == 2
+    assert reader.full_shape("decoder.layers.0.mlp.linear_fc1.weight") == (128, 32)
+    assert reader.tp_rule("decoder.layers.0.self_attention.linear_proj.weight").cat_dim == 1
+    info = read_checkpoint_info(sources["z2tp2"] / "checkpoints")
+    assert (info.format, info.num_layers, info.step, info.zero_stage) == ("deepspeed", 2, STEPS, 2)

@@ -34,7 +34,10 @@ examples:
 
 output: ZeRO-1/2 sources give DeepSpeed's universal layout (load with {"checkpoint": {"load_universal": true}};
   python -m lag_ds.train does this by itself for init_from); ZeRO-0 sources give native files for the
-  target TP; Hugging Face sources give sharded safetensors. A manifest.json is written last; the
+  target TP; DeepSpeed PipelineModule sources (layer_XX-*model_states.pt: Megatron-DeepSpeed, GPT-NeoX)
+  give renumbered layer files (hard links where unchanged) plus universal optimizer state keyed by
+  pipe parameter names (loads at any PP and DP degree); Hugging Face sources give sharded safetensors.
+  An option a format cannot honour (e.g. --optimizer-state on HF) is an error. A manifest.json is written last; the
   destination appears only when complete. Exit codes: 0 ok, 1 verification failed, 2 bad input.
 """
 
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python tools/grow_checkpoint.py",
         description="Grow an L-layer checkpoint into L+k layers with one growth operator (LAG paper, "
         "section 2.1), including the optimizer state, working directly on sharded DeepSpeed ZeRO 0/1/2 x "
-        "TP files or Hugging Face safetensors shards. The source is never modified.",
+        "TP files, DeepSpeed pipeline layer files (PP x TP x DP) or Hugging Face safetensors shards. The source is never modified.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, help="DeepSpeed checkpoint dir (with 'latest') or tag dir, or a HF model dir")
     p.add_argument("--dst", type=Path, help="output directory; must not exist")
@@ -55,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tp", type=int, default=None, help="tensor-parallel degree of the output (default: source's)")
     p.add_argument("--target-dp", type=int, default=None,
                    help="data-parallel degree the output is meant for (recorded; universal output loads at any DP)")
-    p.add_argument("--optimizer-state", choices=("copy", "zero"), default="copy",
-                   help="Adam moments of duplicated layers: copy the source layer's (default) or zero")
-    p.add_argument("--init-std", type=float, default=0.02,
-                   help="std of random-init layers (megatron init_method_std; output projections get std/sqrt(2L))")
+    p.add_argument("--optimizer-state", choices=("copy", "zero"), default=None,
+                   help="Adam moments of duplicated layers: copy the source layer's (default) or zero; "
+                   "DeepSpeed formats only")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="std of random-init layers (default 0.02, megatron init_method_std; output projections "
+                   "get std/sqrt(2L)); DeepSpeed formats only")
     p.add_argument("--dry-run", action="store_true", help="print the plan (new layer <- old layer / init) and exit")
     p.add_argument("--verify", nargs="?", const=True, default=None, metavar="DIR",
                    help="after growing, re-hash the output against its manifest; or with DIR, only verify DIR")

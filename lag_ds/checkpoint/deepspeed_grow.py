@@ -36,6 +36,7 @@ import torch
 
 from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
+from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import write_manifest
 from lag_ds.checkpoint.megatron_layout import (
     OUTPUT_PROJECTION_SUFFIXES,
@@ -44,9 +45,10 @@ from lag_ds.checkpoint.megatron_layout import (
     split_layer_name,
     split_tp,
 )
+from lag_ds.checkpoint.recipes import OPTIMIZER_STATE_POLICIES, TensorKey, plan_recipes
 from lag_ds.growth import GrowthPlan
 
-OPTIMIZER_STATE_POLICIES = ("copy", "zero")
+__all__ = ["OPTIMIZER_STATE_POLICIES", "UNIVERSAL_POINTER", "grow_deepspeed_checkpoint"]
 UNIVERSAL_POINTER = "latest_universal"
 
 
@@ -64,22 +66,25 @@ class Destination:
 
 def plan_destinations(param_names: list[str], num_layers: int, plan: GrowthPlan | None, *,
                       where: str = "checkpoint") -> list[Destination]:
-    """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head)."""
+    """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head).
+
+    The plan is executed by :func:`lag_ds.checkpoint.recipes.plan_recipes` (the one executor every
+    format shares); this maps its format-neutral recipes onto megatron-core names."""
     if plan is None:
         return [Destination(n, n, False) for n in param_names]
     if plan.old_num_layers != num_layers:
         raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {where} has {num_layers}")
-    suffixes = [s[1] for n in param_names if (s := split_layer_name(n)) and s[0] == 0]
-    first_layer = min(i for i, n in enumerate(param_names) if split_layer_name(n))
-    before = param_names[:first_layer]
-    after = [n for n in param_names[first_layer:] if split_layer_name(n) is None]
-    out = [Destination(n, n, False) for n in before]
-    for src in plan.layers:
-        for suffix in suffixes:
-            zero = bool(src.zero_output_projections and suffix in OUTPUT_PROJECTION_SUFFIXES)
-            source = None if src.copy_from is None else layer_name(src.copy_from, suffix)
-            out.append(Destination(layer_name(src.new_index, suffix), source, src.is_new, zero, src.seed, suffix))
-    out += [Destination(n, n, False) for n in after]
+    keys = [TensorKey(*split) if (split := split_layer_name(n)) else TensorKey(None, n)
+            for n in param_names]
+    recipes = plan_recipes(keys, plan, is_output_projection=lambda s: s in OUTPUT_PROJECTION_SUFFIXES)
+    out = []
+    for r in recipes:
+        if r.dst.layer is None:
+            out.append(Destination(r.dst.name, r.dst.name, False))
+            continue
+        source = None if r.value == "random" else layer_name(r.src.layer, r.src.name)
+        out.append(Destination(layer_name(r.dst.layer, r.dst.name), source, r.is_new,
+                               r.value == "zero", r.seed, r.dst.name))
     return out
 
 
@@ -130,9 +135,7 @@ def grow_deepspeed_checkpoint(
     """Grow (``plan``) and/or reshard (``plan=None``) ``src`` into the new directory ``dst``; returns the manifest."""
     if optimizer_state not in OPTIMIZER_STATE_POLICIES:
         raise ValueError(f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, got {optimizer_state!r}")
-    dst = Path(dst)
-    if dst.exists():
-        raise ValueError(f"--dst {dst} already exists (refusing to overwrite)")
+    dst = check_destination(dst)
     ckpt = DeepSpeedCheckpoint(src, unsafe_load=unsafe_load)
     tp = target_tp or ckpt.tp
     dp = target_dp or ckpt.dp
@@ -152,7 +155,7 @@ def grow_deepspeed_checkpoint(
     with AtomicDirectory(dst) as tmp:
         tag_dir = tmp / ckpt.tag
         tag_dir.mkdir()
-        bar = _progress(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
+        bar = progress_bar(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
         if universal:
             _write_universal(ckpt, tag_dir, dests, policy=optimizer_state, std=init_std, num_layers=new_layers, bar=bar)
             (tmp / UNIVERSAL_POINTER).write_text(ckpt.tag)
@@ -224,7 +227,17 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
         groups = ckpt.param_groups()
         if len(groups) != 1:
             raise ValueError(f"{ckpt.tag_dir}: ZeRO-0 growth supports one optimizer param group, found {len(groups)}")
-        optimizer = {"state": state, "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
+        optimizer: dict[str, Any] = {"state": state,
+                                     "param_groups": [dict(groups[0], params=list(range(len(dests))))]}
+        if ckpt.mixed_precision_stage0:  # bf16/fp16 wrapper: fp32 masters beside the torch state
+            dtype = next(v.dtype for v in ckpt.model_states[0]["module"].values()
+                         if isinstance(v, torch.Tensor))
+            wrapper = {k: v for k, v in ckpt.model_states[0]["optimizer"].items()
+                       if k not in ("optimizer_state_dict", "fp32_groups")}
+            masters = [module[d.name] for d in dests]
+            for d in dests:
+                module[d.name] = module[d.name].to(dtype)
+            optimizer = {**wrapper, "optimizer_state_dict": optimizer, "fp32_groups": [masters]}
         meta = _metadata(ckpt, tp=tp, num_layers=num_layers, module=module, universal=False)
         meta["optimizer"] = optimizer
         torch.save(meta, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
@@ -259,9 +272,3 @@ def _metadata(ckpt: DeepSpeedCheckpoint, *, tp: int, num_layers: int,
     if universal:
         meta["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.4}
     return meta
-
-
-def _progress(enabled: bool, *, total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="param", disable=not enabled, dynamic_ncols=True)

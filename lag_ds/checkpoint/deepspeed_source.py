@@ -1,9 +1,13 @@
 """Read a DeepSpeed checkpoint of a megatron-core GPTModel parameter by parameter, shard by shard.
 
-Supported: ZeRO stage 0 (fp32; optimizer state inside ``mp_rank_XX_model_states.pt``) and ZeRO
+Supported: ZeRO stage 0 (optimizer state inside ``mp_rank_XX_model_states.pt``: fp32 runs keep the
+torch optimizer's ``state`` / ``param_groups``; bf16 runs keep DeepSpeed's mixed-precision wrapper
+state -- fp32 master copies in ``fp32_groups``, moments in ``optimizer_state_dict``, loss-scale
+fields beside them) and ZeRO
 stages 1/2 (``zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt``: a flat fp32 partition per param
 group, Adam moments of the same shape, ``param_slice_mappings`` saying where each parameter's
-fragment lies), any TP x DP. Pipeline parallelism and ZeRO-3 are refused.
+fragment lies), any TP x DP. ZeRO-3 is refused; pipeline layer files are read by
+:mod:`lag_ds.checkpoint.deepspeed_pipe` (the registry in :mod:`.formats` picks the reader).
 
 Why it streams: every file is opened with ``mmap=True``; :meth:`full_param` gathers one parameter's
 fragments from the DP partitions of each TP rank and merges the TP shards, so peak memory is a few
@@ -76,7 +80,8 @@ class DeepSpeedCheckpoint:
         if model_ranks != list(range(self.tp)):
             raise ValueError(f"{self.tag_dir}: model state files for TP ranks {model_ranks} are not 0..{self.tp - 1}")
         if any(f.startswith("layer_") for f in files):
-            raise ValueError(f"{self.tag_dir}: pipeline-parallel checkpoints (layer_*.pt) are not supported")
+            raise ValueError(f"{self.tag_dir}: pipeline layer files (layer_*.pt): open it with "
+                             "lag_ds.checkpoint.formats.open_checkpoint (deepspeed-pipe)")
         self.model_states = [load_checkpoint_file(self.tag_dir / f"mp_rank_{r:02d}_model_states.pt",
                                                   unsafe=unsafe_load) for r in range(self.tp)]
         meta = self.model_states[0]
@@ -105,6 +110,16 @@ class DeepSpeedCheckpoint:
             )["optimizer_state_dict"] for d in range(self.dp)] for t in range(self.tp)]
         self._index()
 
+    def _optimizer(self, rank: int = 0) -> dict[str, Any]:
+        """ZeRO-0: the torch optimizer state dict (inside the bf16 wrapper's, when there is one)."""
+        opt = self.model_states[rank].get("optimizer") or {}
+        return opt.get("optimizer_state_dict", opt)
+
+    @property
+    def mixed_precision_stage0(self) -> bool:
+        """ZeRO-0 with bf16/fp16: fp32 masters live in ``optimizer['fp32_groups']``."""
+        return self.zero_stage == 0 and "fp32_groups" in (self.model_states[0].get("optimizer") or {})
+
     # ----------------------------------------------------------------- structure
     def _index(self) -> None:
         module0 = self.model_states[0]["module"]
@@ -132,7 +147,7 @@ class DeepSpeedCheckpoint:
             raise ValueError(f"{self.tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)")
 
     def _stage0_param_names(self, names: list[str]) -> list[str]:
-        groups = self.model_states[0].get("optimizer", {}).get("param_groups")
+        groups = self._optimizer().get("param_groups")
         if not groups:
             raise ValueError(f"{self.tag_dir}: ZeRO-0 checkpoint without optimizer state")
         count = sum(len(g["params"]) for g in groups)
@@ -203,7 +218,7 @@ class DeepSpeedCheckpoint:
     @cached_property
     def step(self) -> float:
         if self.zero_stage == 0:
-            states = self.model_states[0]["optimizer"]["state"]
+            states = self._optimizer()["state"]
             steps = {float(s["step"]) for s in states.values()}
             if len(steps) > 1:
                 raise ValueError(f"{self.tag_dir}: optimizer step differs between parameters: {sorted(steps)}")
@@ -216,7 +231,7 @@ class DeepSpeedCheckpoint:
 
     def param_groups(self) -> list[dict[str, Any]]:
         if self.zero_stage == 0:
-            return self.model_states[0]["optimizer"]["param_groups"]
+            return self._optimizer()["param_groups"]
         return self.optim_states[0][0]["base_optimizer_state"]["param_groups"]
 
     def optimizer_globals(self) -> dict[str, Any]:
@@ -231,10 +246,13 @@ class DeepSpeedCheckpoint:
         shape = self.local_shapes[tp_rank][name]
         if self.zero_stage == 0:
             states = self.model_states[tp_rank]
+            index = self.param_names.index(name)
+            if key == "fp32" and self.mixed_precision_stage0:
+                flat = [t for group in states["optimizer"]["fp32_groups"] for t in group]
+                return flat[index].float().reshape(shape)
             if key == "fp32":
                 return states["module"][name].float().reshape(shape)
-            index = self.param_names.index(name)
-            return states["optimizer"]["state"][index][key].float().reshape(shape)
+            return self._optimizer(tp_rank)["state"][index][key].float().reshape(shape)
         pieces = []
         for frag in self.fragments[tp_rank][name]:
             osd = self.optim_states[tp_rank][frag.dp_rank]

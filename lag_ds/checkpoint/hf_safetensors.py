@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lag_ds.checkpoint.atomic import AtomicDirectory, DestinationExistsError, check_free_space
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
+from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import MANIFEST_NAME, write_manifest
 from lag_ds.growth.plan import GrowthPlan, LayerSource
 
@@ -414,9 +415,7 @@ def _torch_dtype(name: str) -> Any:
 
 @contextmanager
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Iterator[Any]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    bar = progress_bar(enabled, total=total, desc=desc, unit=unit)
     try:
         yield bar
     finally:
@@ -445,8 +444,7 @@ def grow_hf_checkpoint(
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     if not src.is_dir():
         raise ValueError(f"source checkpoint directory does not exist: {src}")
-    if dst.exists():
-        raise DestinationExistsError(f"destination already exists: {dst} (refusing to overwrite)")
+    check_destination(dst)
     src_real, dst_real = src.resolve(), dst.resolve()
     if dst_real == src_real or src_real in dst_real.parents:
         raise ValueError(f"destination {dst} is inside the source {src} (the source is never modified)")

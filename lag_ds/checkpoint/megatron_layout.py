@@ -15,7 +15,6 @@ Surgery must work on checkpoints other programs wrote, so everything here is der
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -98,17 +97,9 @@ def detect_glu(local_shapes: dict[str, tuple[int, ...]]) -> bool:
 
 def random_layer_param(suffix: str, shape: tuple[int, ...], *, std: float, num_layers: int,
                        seed: int) -> torch.Tensor:
-    """megatron-core's own init for a fresh layer parameter, drawn from ``seed``.
+    """megatron-core's own init for a fresh layer parameter, drawn from ``seed``: the shared rule of
+    :func:`lag_ds.checkpoint.recipes.random_tensor` with megatron-core's output projections."""
+    from lag_ds.checkpoint.recipes import random_tensor
 
-    Weights ~ N(0, std) (``init_method_normal``); output projections ~ N(0, std / sqrt(2 L))
-    (``scaled_init_method_normal`` with the *grown* depth L); norm weights 1; biases 0.
-    The seed mixes in the suffix so the parameters of one layer are independent draws.
-    """
-    if suffix.endswith("bias"):
-        return torch.zeros(shape)
-    if "norm" in suffix:
-        return torch.ones(shape)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + sum(map(ord, suffix)) * 7919) % (2**63))
-    scaled = suffix in OUTPUT_PROJECTION_SUFFIXES
-    sigma = std / math.sqrt(2.0 * num_layers) if scaled else std
-    return torch.randn(shape, generator=generator) * sigma
+    return random_tensor(suffix, shape, std=std, num_layers=num_layers, seed=seed,
+                         output_projection=suffix in OUTPUT_PROJECTION_SUFFIXES)

@@ -64,17 +64,12 @@ def read_init_pointer(ckpt_dir: Path) -> tuple[str, bool]:
 
 
 def checkpoint_num_layers(ckpt_dir: Path, tag: str, *, universal: bool) -> int:
-    """Decoder layers in a checkpoint, read from parameter names (universal folders or the module)."""
-    tag_dir = Path(ckpt_dir) / tag
-    if universal:
-        names = [p.name for p in (tag_dir / "zero").iterdir() if p.is_dir()]
-    else:
-        from lag_ds.checkpoint.safe_load import load_checkpoint_file
+    """Decoder layers in a checkpoint, as its format's reader counts them from parameter names.
 
-        names = list(load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt")["module"])
-    from lag_ds.checkpoint.megatron_layout import split_layer_name
+    ``universal`` is kept for callers; the registry tells the layouts apart by itself."""
+    from lag_ds.checkpoint.formats import read_checkpoint_info
 
-    return len({split[0] for n in names if (split := split_layer_name(n))})
+    return read_checkpoint_info(Path(ckpt_dir) / tag).num_layers
 
 
 def write_pointer(path: Path, text: str) -> None:
