@@ -37,7 +37,7 @@ import yaml
 
 from lag_ds.atomic_io import atomic_write_text
 from lag_ds.checkpoint.deepspeed_grow import grow_deepspeed_checkpoint
-from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
+from lag_ds.checkpoint.formats import read_checkpoint_info
 from lag_ds.checkpoint.manifest import MANIFEST_NAME
 from lag_ds.checkpoint.universal_links import disk_usage, materialise_candidate
 from lag_ds.config import to_dict
@@ -174,12 +174,17 @@ def _tb(spec: StageSpec, run_name: str) -> dict[str, Any]:
 # ---- 1. prepare ---------------------------------------------------------------------------------
 
 def read_base(base: Path) -> tuple[int, int]:
-    """(global step, number of layers) of a base checkpoint that a stage can grow."""
-    source = DeepSpeedCheckpoint(base)
-    if source.zero_stage == 0:
+    """(global step, number of layers) of a base checkpoint that a stage can grow, asked of the
+    checkpoint formats' registry (no tensor is read)."""
+    info = read_checkpoint_info(base)
+    if info.format != "deepspeed" or info.family != "megatron-core-gpt":
+        raise ValueError(f"{base}: a LAG stage grows lag_ds's own DeepSpeed checkpoints of a "
+                         f"megatron-core GPT (found {info.format}, {info.family}); convert others "
+                         "with tools/grow_checkpoint.py first")
+    if info.zero_stage == 0:
         raise ValueError(f"{base}: LAG candidates need a ZeRO-1/2 base (universal layout); "
                          "this one is ZeRO-0")
-    return source.global_steps, source.num_layers
+    return info.step, info.num_layers
 
 
 def prepare(spec: StageSpec) -> Prepared:
