@@ -27,15 +27,7 @@ BASELINE=${BASELINE:-last}           # last | none
 SLOTS_PER_SLICE=${SLOTS_PER_SLICE:-1}
 HANG_TIMEOUT=${HANG_TIMEOUT:-300}
 MAX_RETRIES=${MAX_RETRIES:-0}
-if [ -n "${ALLOCATION:-}" ]; then
-  :                                   # local:N | hostfile:PATH | include:HOST:IDS[@...] | slurm
-elif [ -n "${HOSTFILE:-}" ]; then
-  ALLOCATION="hostfile:$HOSTFILE"
-elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  ALLOCATION=slurm
-else
-  ALLOCATION="local:${NUM_SLOTS:-2}"
-fi
+source launch_scripts/lib/allocation.sh   # ALLOCATION from ALLOCATION / HOSTFILE / SLURM / NUM_SLOTS
 
 exec "$PYTHON" -m lag_ds.stacking.adaptive --schedule "$SCHEDULE" --out-dir "$OUT_DIR" \
   --baseline "$BASELINE" --allocation "$ALLOCATION" --slots-per-slice "$SLOTS_PER_SLICE" \

@@ -50,15 +50,7 @@ SH_MIN_STEPS=${SH_MIN_STEPS:-}        # sh: first rung (default LAG_STEPS / SH_E
 STUDY=${STUDY:-0}                     # 1: every candidate continues to TOTAL_STEPS (tools/analyze_lag.py)
 DENSE_EVAL_STEPS=${DENSE_EVAL_STEPS:-0}  # validate every DENSE_EVAL_INTERVAL steps this long after growing
 DENSE_EVAL_INTERVAL=${DENSE_EVAL_INTERVAL:-1}
-if [ -n "${ALLOCATION:-}" ]; then
-  :                                   # local:N | hostfile:PATH | include:HOST:IDS[@...] | slurm
-elif [ -n "${HOSTFILE:-}" ]; then
-  ALLOCATION="hostfile:$HOSTFILE"
-elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  ALLOCATION=slurm
-else
-  ALLOCATION="local:${NUM_SLOTS:-2}"
-fi
+source launch_scripts/lib/allocation.sh   # ALLOCATION from ALLOCATION / HOSTFILE / SLURM / NUM_SLOTS
 
 args=(--out-dir "$OUT_DIR" --train-config "$TRAIN_CONFIG" --grow-layers "$GROW_LAYERS" --space "$SPACE"
       --lag-steps "$LAG_STEPS" --eval-interval "$EVAL_INTERVAL" --smoothing-window "$SMOOTHING"
