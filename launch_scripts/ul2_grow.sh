@@ -5,7 +5,7 @@
 #   concurrently on slices of the allocation -> LAG@k selection -> the winner continues training.
 #
 # Every knob is an environment variable (defaults = the CPU demo: small preset, offline demo
-# corpus, 2 local slots, 8 candidates, about 10 minutes on 2 cores). Extra arguments are passed to
+# corpus, 2 local slots, 8 candidates, about 7 minutes on 2 cores). Extra arguments are passed to
 # `python -m lag_ds.stacking` (see its --help). Re-running the same command resumes.
 #
 # The paper's UL2 setting (12 -> 16 layers, 30 operators, LAG@2000, grown at 300k, to 400k):
