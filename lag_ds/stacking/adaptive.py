@@ -127,10 +127,7 @@ def _stage_one(plan: StagePlan, *, schedule: Schedule, out: Path, train: TrainCo
                label: str) -> dict[str, Any]:
     run_dir = stage1 if stage1 is not None else out / "stage1" / "run"
     if stage1 is None:
-        spec = StageSpec(out_dir=out / "stage1", train=train, base=out, num_new_layers=1,
-                         space="", policy=RacePolicy(k=1), total_steps=plan.end_step,
-                         eval_interval=schedule.eval_interval)
-        job = train_job(spec, "stage1", run_dir, total_steps=plan.end_step,
+        job = train_job(train, "stage1", run_dir, total_steps=plan.end_step,
                         num_layers=plan.layers_after, eval_interval=schedule.eval_interval,
                         tb_dir=str(tb), tb_run_name="model")
         with clock.phase(f"{label} stage 1", f"{plan.layers_after} layers from scratch, "

@@ -133,10 +133,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
         base = Path(cfg.base_checkpoint)
     else:
         steps = cfg.base_steps or train_cfg.train_steps
-        spec0 = StageSpec(out_dir=out, train=train_cfg, base=out, num_new_layers=cfg.grow_layers,
-                          space=cfg.space, policy=policy, total_steps=cfg.total_steps,
-                          eval_interval=cfg.eval_interval)
-        job = train_job(spec0, "base", out / "base", total_steps=steps, tb_dir=str(tb_dir),
+        job = train_job(train_cfg, "base", out / "base", total_steps=steps, tb_dir=str(tb_dir),
                         tb_run_name="base")
         with clock.phase("base", f"pretraining {steps} steps on {all_slots} slot(s) "
                                  f"(log: {job.log_path})"):

@@ -147,11 +147,11 @@ def cand_dir(spec: StageSpec, name: str) -> Path:
     return spec.out_dir / "candidates" / name
 
 
-def train_job(spec: StageSpec, name: str, run_dir: Path, *, total_steps: int,
+def train_job(train: TrainConfig, name: str, run_dir: Path, *, total_steps: int,
               **fields: Any) -> JobSpec:
-    """A trainer job whose settings are ``spec.train`` with ``fields`` replaced, written to
+    """A trainer job whose settings are ``train`` with ``fields`` replaced, written to
     ``run_dir/train_config.yaml`` (a misspelt field is a TypeError here, before any job)."""
-    cfg = dataclasses.replace(spec.train, run_dir=str(run_dir.resolve()), train_steps=total_steps,
+    cfg = dataclasses.replace(train, run_dir=str(run_dir.resolve()), train_steps=total_steps,
                               **fields)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / JOB_CONFIG_NAME
@@ -218,7 +218,7 @@ def candidate_job(spec: StageSpec, prepared: Prepared, name: str, target: int, *
     d = cand_dir(spec, name)
     dense = spec.dense_eval_steps
     every = save_interval if save_interval is not None else max(1, target - prepared.base_step)
-    return train_job(spec, name, d / "run", total_steps=target,
+    return train_job(spec.train, name, d / "run", total_steps=target,
                      init_from=str((d / "init").resolve()), num_layers=prepared.grown_layers,
                      eval_interval=spec.eval_interval, save_interval=every,
                      keep_checkpoints=1, growth_step=prepared.base_step,
@@ -309,7 +309,7 @@ def promote(spec: StageSpec, prepared: Prepared, result: RaceResult, selection: 
                                       target_dp=launch.allocation.num_slots // tp,
                                       show_progress=False)
         run_dir = spec.out_dir / "promoted" / "run"
-        job = train_job(spec, "promoted", run_dir, total_steps=spec.total_steps,
+        job = train_job(spec.train, "promoted", run_dir, total_steps=spec.total_steps,
                         init_from=str(promoted_init.resolve()), num_layers=prepared.grown_layers,
                         eval_interval=spec.eval_interval, growth_step=prepared.base_step,
                         **(_tb(spec, f"promoted-{winner}") if spec.promoted_tb is None else
