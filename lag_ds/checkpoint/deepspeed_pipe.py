@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lag_ds.checkpoint.deepspeed_source import Fragment
 from lag_ds.checkpoint.layer_tables import TABLES, LayerTable, family_of_layer_keys
 from lag_ds.checkpoint.megatron_layout import TpRule, merge_tp
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
@@ -65,14 +65,6 @@ def resolve_pipe_dir(src: Path) -> Path | None:
         if tag and "/" not in tag and has_layer_files(src / tag):
             return src / tag
     return None
-
-
-@dataclass(frozen=True)
-class Fragment:
-    dp_rank: int
-    group: int
-    start: int
-    numel: int
 
 
 class PipeCheckpoint:
