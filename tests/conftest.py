@@ -33,3 +33,12 @@ def deepspeed_env(tmp_path: Path | None = None) -> dict[str, str]:
     env.pop("MASTER_PORT", None), env.pop("MASTER_ADDR", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_deepspeed_shm():
+    """Tests kill ranks on purpose; give their DeepSpeed shm segments back when the suite ends."""
+    yield
+    from lag_ds.launch.shm_segments import clear_stale_segments
+
+    clear_stale_segments(grace_s=10.0)

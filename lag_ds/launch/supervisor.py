@@ -83,6 +83,7 @@ from lag_ds.launch.process import (
     spawn,
 )
 from lag_ds.launch.progress import ProgressReporter, ProgressRow
+from lag_ds.launch.shm_segments import clear_stale_segments
 from lag_ds.launch.watch import MetricsWatcher, last_status_line
 
 NON_FINITE_EXIT_CODE = 3
@@ -356,6 +357,12 @@ class _Supervisor:
             print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
         return messages
 
+    @staticmethod
+    def _sweep_shm() -> None:
+        """Remove DeepSpeed shm segments on this host that no live process maps (shm_segments.py)."""
+        for message in clear_stale_segments():
+            print(f"lag_ds.launch: {message}", file=sys.stderr, flush=True)
+
     def _hang_reason(self, a: _Active) -> str:
         """What the hung job waited on (its stacks, the build locks), logged to launcher.log."""
         dumps = a.stacks.collect()
@@ -376,6 +383,7 @@ class _Supervisor:
     def _ended(self, a: _Active) -> None:
         kill_leftovers(a.handle.pgid, started_since=a.handle.start_ticks)
         self._sweep_locks()  # it may have died holding a build lock others now wait on
+        self._sweep_shm()  # killed during start-up, its ranks may not have unlinked their segments
         self.active.remove(a)
         if a.stop_reason is None:
             self.durations.append(time.monotonic() - a.started)
@@ -449,6 +457,7 @@ class _Supervisor:
     def run(self) -> dict[str, JobResult]:
         shown: tuple = ()
         last_sweep = time.monotonic()
+        self._sweep_shm()
         while self.queue or self.active:
             if (self.queue and self.free) or time.monotonic() - last_sweep >= LOCK_SWEEP_S:
                 self._sweep_locks()

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from lag_ds.launch.shm_segments import unlink_own_segment
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,6 +34,12 @@ def init_distributed(*, tensor_parallel: int = 1) -> None:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False)
+        # Every rank has now mapped every peer's CPU shm segment (DeepSpeed does it inside
+        # init_distributed); after this barrier the names can go, so that the memory is freed
+        # when the job ends, even by SIGKILL (lag_ds/launch/shm_segments.py says why).
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        unlink_own_segment()
     world = dist.get_world_size()
     if world % tensor_parallel:
         raise ValueError(f"tensor_parallel={tensor_parallel} does not divide the world size {world}")
