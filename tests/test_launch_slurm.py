@@ -185,3 +185,59 @@ def test_real_trainer_dp2_spanning_both_nodes(cluster, tmp_path):
     assert max(r["step"] for r in records) == 8
     # one ZeRO-2 optimizer partition per rank, written by ranks on two different nodes
     assert len(list((run_dir / "checkpoints" / "global_step8").glob("*optim_states.pt"))) == 2
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_whole_lag_run_inside_sbatch(cluster, tmp_path):
+    """The user's command inside ``sbatch -N2``: ``launch_scripts/ul2_grow.sh`` reads the SLURM
+    allocation and runs base pretraining, the race and the promotion as job steps (``srun``, no
+    ssh): the two candidates at the same time, one per node; base and winner spanning both."""
+    from test_launch_faults_real import JOB_ENV, write_tiny_config
+
+    config = write_tiny_config(tmp_path)
+    out = tmp_path / "out"
+    knobs = {"PYTHON": PY, "OUT_DIR": str(out), "TRAIN_CONFIG": str(config), "BASE_STEPS": "4",
+             "GROW_LAYERS": "1", "SPACE": "starts0=0;blocks=1;inits=duplicate,random",
+             "LAG_STEPS": "4", "EVAL_INTERVAL": "2", "TOTAL_STEPS": "10", "SLOTS_PER_SLICE": "1",
+             "HANG_TIMEOUT": "240", "GLOO_SOCKET_IFNAME": slurm_cluster.IFNAME,
+             "TORCH_EXTENSIONS_DIR": JOB_ENV["TORCH_EXTENSIONS_DIR"]}
+    exports = "".join(f"export {k}='{v}'\n" for k, v in knobs.items())
+    repo = Path(__file__).resolve().parents[1]
+    job = cluster.sbatch(["-N2", "--ntasks-per-node=1"],
+                         f"{exports}cd {repo}\nexec bash launch_scripts/ul2_grow.sh\n",
+                         output=tmp_path / "sbatch.out", env=_env())
+    state = cluster.wait(job, timeout=900)
+    assert state == "COMPLETED", (tmp_path / "sbatch.out").read_text()[-5000:]
+
+    both = "slurmn1:0@slurmn2:0"
+    for phase in ("base", "promoted"):  # one job step spanning both nodes, DP=2 across them
+        launches = [r for r in _records(out / f"journal-{phase}.jsonl") if r["state"] == "running"]
+        assert [r["include"] for r in launches] == [both], launches
+    for log in (out / "base/launcher.log", out / "promoted/run/launcher.log"):
+        text = log.read_text()
+        assert "srun --overlap" in text and "DP=2 TP=1" in text, text[-2000:]
+
+    race = _records(out / "journal-candidates.jsonl")
+    started = {r["candidate"]: r for r in race if r["state"] == "running"}
+    finished = {r["candidate"]: r for r in race if r["state"] == "finished"}
+    assert sorted(r["include"] for r in started.values()) == ["slurmn1:0", "slurmn2:0"]
+    (a, b) = sorted(started)
+    assert started[a]["time"] < finished[b]["time"] and started[b]["time"] < finished[a]["time"]
+    for name in started:  # no candidate was started through the deepspeed runner (pdsh/ssh)
+        first = (out / "candidates" / name / "run/launcher.log").read_text().splitlines()[0]
+        assert "srun --overlap" in first and "pdsh" not in first and "ssh" not in first
+
+    selection = json.loads((out / "selection.json").read_text())
+    at_k = {name: next(r["val/loss"] for r in
+                       _records(out / "candidates" / name / "run/metrics.jsonl")
+                       if r["step"] == selection["decision_step"] and "val/loss" in r)
+            for name in started}
+    assert selection["winner"] == min(at_k, key=at_k.get)
+    promoted = _records(out / "promoted/run/metrics.jsonl")
+    assert max(r["step"] for r in promoted) == 10
+    # continued from the winner's step-k checkpoint: the first trained step is k + 1
+    trained = [r["step"] for r in promoted if "train/loss" in r]
+    assert min(trained) == selection["decision_step"] + 1
