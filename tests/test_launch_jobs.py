@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from deepspeed.launcher.runner import encode_world_info
 
 from lag_ds.launch import (
     DEEPSPEED_RUNNER,
@@ -19,6 +20,7 @@ from lag_ds.launch import (
 )
 
 DS = list(DEEPSPEED_RUNNER)
+LAUNCH = [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
 
 
 @pytest.fixture
@@ -33,9 +35,13 @@ def test_deepspeed_runner_is_the_deepspeed_console_script():
 
 
 def test_local_deepspeed_command(job):
+    # A local slice skips the runner and calls what it would exec: DeepSpeed's per-node launcher
+    # with the runner's base64 world_info.
     s = Allocation.local(4).split(2)[1]
-    assert build_command(job, s, master_port=29501) == DS + [
-        "--include", "localhost:2,3", "--master_port", "29501", "train.py", "--k", "200"]
+    argv = build_command(job, s, master_port=29501)
+    assert argv[:4] == LAUNCH and argv[5:] == [
+        "--master_addr=127.0.0.1", "--master_port=29501", "train.py", "--k", "200"]
+    assert argv[4] == f"--world_info={encode_world_info({'localhost': [2, 3]})}"
     env = build_env(job, s, master_port=29501, base_env={"PATH": "/bin"})
     # The CPU accelerator sizes localhost from LOCAL_SIZE; slot 3 needs at least 4.
     # Ranks dump their stacks on SIGUSR1 into the run directory (diagnose.py).
@@ -46,9 +52,8 @@ def test_local_deepspeed_command(job):
 def test_module_job(tmp_path):
     job = JobSpec(name="m", script="lag_ds.train.main", args=["--x"], run_dir=tmp_path, module=True)
     s = Allocation.local(1).split(1)[0]
-    assert build_command(job, s, master_port=29500) == DS + [
-        "--include", "localhost:0", "--master_port", "29500", "--module", "lag_ds.train.main",
-        "--x"]
+    assert build_command(job, s, master_port=29500)[5:] == [
+        "--master_addr=127.0.0.1", "--master_port=29500", "--module", "lag_ds.train.main", "--x"]
     assert build_command(job, s, master_port=29500, launcher="direct") == [
         sys.executable, "-u", "-m", "lag_ds.train.main", "--x"]
 

@@ -5,7 +5,12 @@ Three launchers:
 
 * ``"deepspeed"`` -- the real DeepSpeed runner (``deepspeed`` is ``python -m
   deepspeed.launcher.runner``; we call it through ``sys.executable`` so the job uses the same
-  interpreter and venv as the orchestrator, whatever ``PATH`` says).
+  interpreter and venv as the orchestrator, whatever ``PATH`` says).  For a *local* slice we
+  call what the runner itself would exec for it, DeepSpeed's per-node launcher ``python -m
+  deepspeed.launcher.launch --world_info=B64 --master_addr=127.0.0.1 --master_port=P``, with
+  the ``world_info`` the runner would encode (``{"localhost": [slots]}``): the ranks get the
+  same environment, and each job saves one Python process importing deepspeed (4-5 s on this
+  box, for a candidate that may train only a few dozen steps).
 * ``"direct"`` -- ``python script args`` for a one-slot local slice with the rank variables the
   DeepSpeed launcher would set; unit tests use it to exercise supervision in milliseconds.
 * ``"srun"`` -- inside a SLURM allocation (``sbatch -N2 ...``), each job is a job step: ``srun
@@ -42,12 +47,17 @@ Example::
 
     >>> from lag_ds.launch.allocation import Allocation
     >>> job = JobSpec(name="c0", script="train.py", args=["--k", "200"], run_dir="runs/c0")
-    >>> build_command(job, Allocation.local(2).split(1)[1], master_port=29501)[-7:]
-    ['--include', 'localhost:1', '--master_port', '29501', 'train.py', '--k', '200']
+    >>> argv = build_command(job, Allocation.local(2).split(1)[1], master_port=29501)
+    >>> argv[3:5]
+    ['deepspeed.launcher.launch', '--world_info=eyJsb2NhbGhvc3QiOiBbMV19']
+    >>> argv[5:]
+    ['--master_addr=127.0.0.1', '--master_port=29501', 'train.py', '--k', '200']
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shlex
 import socket
@@ -73,6 +83,7 @@ _SRUN_SHIM = ('export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" '
               'export CUDA_VISIBLE_DEVICES; fi; exec "$@"')
 _SRUN_SHIM_NAME = "lag-rank"
 DEEPSPEED_RUNNER: tuple[str, ...] = (sys.executable, "-u", "-m", "deepspeed.launcher.runner")
+DEEPSPEED_LAUNCH: tuple[str, ...] = (sys.executable, "-u", "-m", "deepspeed.launcher.launch")
 DEFAULT_BASE_PORT = 29500  # DeepSpeed's own default master port
 # Set by the launcher for each rank; a job must not override them.
 RESERVED_ENV = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
@@ -180,10 +191,11 @@ def build_command(job: JobSpec, slice_: Slice, *, master_port: int,
     if launcher == "srun":
         return srun_command(job, slice_)
 
-    argv = list(DEEPSPEED_RUNNER)
-    if slice_.is_local:
-        argv += ["--include", slice_.include, "--master_port", str(master_port)]
+    if slice_.is_local:  # what the runner would exec for a local launch (module docstring)
+        argv = [*DEEPSPEED_LAUNCH, f"--world_info={local_world_info(slice_)}",
+                "--master_addr=127.0.0.1", f"--master_port={master_port}"]
     else:
+        argv = list(DEEPSPEED_RUNNER)
         if hostfile_path is None:
             raise ValueError(f"build_command: slice {slice_.include!r} is not local; "
                              "a hostfile_path is required")
@@ -197,6 +209,13 @@ def build_command(job: JobSpec, slice_: Slice, *, master_port: int,
     if job.module:
         argv.append("--module")
     return argv + [job.script, *job.args]
+
+
+def local_world_info(slice_: Slice) -> str:
+    """``--world_info`` of a local slice, encoded as DeepSpeed's runner encodes it."""
+    ((_, slots),) = slice_.parts
+    raw = json.dumps({"localhost": list(slots)}).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("utf-8")
 
 
 def build_env(job: JobSpec, slice_: Slice, *, master_port: int, launcher: Launcher = "deepspeed",

@@ -36,6 +36,7 @@ from lag_ds.train.distributed import init_distributed
 from lag_ds.train.engine import initialize_engine
 from lag_ds.train.evaluate import validation_loss
 from lag_ds.train.metrics import STATUS_PREFIX, MetricLogger
+from lag_ds.train.startup import StartupClock
 
 EXIT_NON_FINITE = 3
 
@@ -48,8 +49,12 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run (or resume) training up to ``cfg.train_steps``; returns the last validation scalars."""
+    clock = StartupClock()
+    clock.mark("imports")
     init_distributed(tensor_parallel=cfg.tensor_parallel)
     rank = dist.get_rank()
+    clock.enabled = rank == 0
+    clock.mark("distributed")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -60,6 +65,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     data = prepare_data(cfg.data, Path(cfg.cache_dir))
     say(f"data ready in {time.perf_counter() - t0:.1f} s: {data.describe()}")
     tokenizer = data.tokenizer()
+    clock.mark("data")
     model_cfg = get_preset(cfg.preset)
     if cfg.num_layers is not None:
         model_cfg = model_cfg.with_layers(cfg.num_layers)
@@ -76,8 +82,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if found != model_cfg.num_layers:
             raise ValueError(f"init_from={cfg.init_from} has {found} layers but the run builds "
                              f"{model_cfg.num_layers} (set num_layers={found})")
+    clock.mark("model")
     say(f"initialising DeepSpeed ({model_cfg.num_layers} layers)")
     engine, _, _, ds = initialize_engine(cfg, model, load_universal=universal)
+    clock.mark("engine")
     if resumed:
         say(f"resuming from {ckpt_dir}/{own_tag}")
         client = checkpointing.load(engine, ckpt_dir, own_tag)
@@ -86,6 +94,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         client = checkpointing.load(engine, Path(cfg.init_from), init_tag)
     else:
         client = {}
+    clock.mark("checkpoint_load")
     if "data_seed" in client and client["data_seed"] != cfg.data_seed and resumed:
         raise ValueError(f"{ckpt_dir}: checkpoint was trained with data_seed={client['data_seed']}, config says {cfg.data_seed}")
     step = engine.global_steps
@@ -120,6 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         last_val = validation_loss(engine, val_batches, device)
         logger.log(step, last_val)
         _log_since_growth(logger, cfg, step, last_val)
+    clock.mark("first_validation")
 
     inject = os.environ.get("LAG_DS_INJECT_NAN_AT_STEP")
     progress = _progress_bar(rank == 0, initial=step, total=cfg.train_steps)
@@ -168,6 +178,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                    client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
                                                  "preset": cfg.preset})
             progress.update(1)
+            if not clock.written:
+                clock.mark("first_step")
+                clock.write(run_dir)
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val.get(ms.VAL_LOSS, math.nan):.3f}")
     finally:
         progress.close()
