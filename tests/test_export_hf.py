@@ -5,7 +5,7 @@ TP=1, fp32): for the ZeRO-0 case the very module DeepSpeed saved; for the traine
 run a model loaded with the checkpoint's TP-merged values; for a function-preserving grown
 (``init=zero``, universal layout) checkpoint the *un-grown* source model. The HF model is loaded
 with ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` and must match on the
-same tokens to ``ATOL`` (fp32; measured max abs diff ~1e-6 on logits of magnitude ~1).
+same tokens to ``ATOL`` (fp32; measured max abs diff 0.9-1.2e-7).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from conftest import BIN, REPO, deepspeed_env
 
 from lag_ds.train.distributed import free_port
 
-ATOL = 1e-4
+ATOL = 1e-5
 """Max abs difference of fp32 logits, HF vs lag_ds (summation order differs, nothing else)."""
 VOCAB = 640  # the tiny run's tokenizer (616 ids) padded to a multiple of 128
 
@@ -254,7 +254,10 @@ def test_cli_errors_and_help(run, tmp_path, capsys):
         code, err = _export(*args)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], (args, err)
-    assert not any(p.name.startswith((".o", "o")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".o", "o")) for p in tmp_path.iterdir())  # atomic
+    code, err = _export(str(lonely), str(tmp_path / "weights"), "--no-tokenizer")
+    assert code == 0, err
+    assert not any("tokeniz" in p.name for p in (tmp_path / "weights").iterdir())
 
     with pytest.raises(SystemExit):
         _export("--help")

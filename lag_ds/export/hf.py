@@ -46,9 +46,12 @@ shard being filled (``max_shard_bytes``).
 
 Tokenizer: the run's SentencePiece model with lag_ds's UL2 specials above it
 (:class:`lag_ds.data.tokenizer.Ul2Tokenizer`: ``[SEP]``, mode tokens, ``<extra_id_N>``
-sentinels), written as a ``tokenizers`` tokenizer (``tokenizer.json``) that ``AutoTokenizer``
-loads without remote code; after writing, its ids are checked against ``Ul2Tokenizer`` on a
-sample of texts (the export fails rather than ship a tokenizer that disagrees).
+sentinels), in two forms: ``tokenization_lagds.LagDSTokenizer`` (remote code; SentencePiece
+itself, so the ids equal lag_ds's for every text) and ``tokenizer.json`` (what ``AutoTokenizer``
+loads without remote code; the ``tokenizers`` port of the same model, which can split a tie
+between equal-score segmentations differently, e.g. in some long runs of spaces). After writing,
+both are checked against ``Ul2Tokenizer`` on sample texts; the export fails rather than ship a
+tokenizer that disagrees.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ __all__ = ["ExportSource", "ModelShape", "UniversalReader", "export_hf", "hf_ten
            "infer_model_shape", "resolve_source"]
 
 HF_CODE_DIR = Path(__file__).with_name("hf_code")
-HF_CODE_FILES = ("configuration_lagds.py", "modeling_lagds.py", "tokenization_lagds.py")
+HF_CODE_FILES = ("configuration_lagds.py", "modeling_lagds.py")
+HF_TOKENIZER_FILE = "tokenization_lagds.py"
 RMS_NORM_EPS = 1e-5
 """megatron-core ``TransformerConfig.layernorm_epsilon`` default (lag_ds.model.build keeps it)."""
 HIDDEN_ACT = "gelu"
@@ -446,6 +450,7 @@ def _write_tokenizer(tok: Any, out: Path) -> None:
     config["tokenizer_class"] = "TokenizersBackend"
     config["auto_map"] = {"AutoTokenizer": ["tokenization_lagds.LagDSTokenizer", None]}
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    shutil.copyfile(HF_CODE_DIR / HF_TOKENIZER_FILE, out / HF_TOKENIZER_FILE)
 
     loaded = [LagDSTokenizer.from_pretrained(str(out)),
               AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)]
@@ -574,8 +579,10 @@ def export_hf(src: Path, dst: Path, *, num_heads: int | None = None,
             generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                           "pad_token_id": tok.pad_id}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        hashing = progress_bar(show_progress, total=len(list(tmp.iterdir())), desc="hashing",
+                               unit="file")
         manifest = write_manifest(
-            tmp, kind=MANIFEST_KIND,
+            tmp, kind=MANIFEST_KIND, progress=hashing.update,
             source={"path": str(source.checkpoint.resolve()), "found": source.found,
                     "format": info.format, "step": info.step, "zero_stage": info.zero_stage,
                     "train_config": str(cfg_path) if cfg_path else None},
@@ -585,6 +592,7 @@ def export_hf(src: Path, dst: Path, *, num_heads: int | None = None,
                    "tokenizer": str(tok.model_file) if tok is not None else None,
                    "loads_with": "AutoModelForCausalLM.from_pretrained(dir, "
                                  "trust_remote_code=True)"})
+        hashing.close()
     say(f"wrote {dst}: {len(weight_map)} tensors, {total / 1e6:.1f} MB ({dtype})")
     return manifest
 
