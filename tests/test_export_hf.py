@@ -106,7 +106,8 @@ def test_export_trainer_run_tp2_zero2(run, tmp_path, world1):
     code, err = _export(str(run), str(out))  # a run directory: config + tokenizer found by itself
     assert code == 0, err
     assert {"model.safetensors", "config.json", "modeling_lagds.py", "configuration_lagds.py",
-            "tokenizer.json", "tokenizer_config.json", "manifest.json"} <= {p.name for p in out.iterdir()}
+            "tokenizer.json", "tokenizer_config.json", "manifest.json"} \
+        <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["vocab_size"],
             config["tie_word_embeddings"]) == (2, 4, VOCAB, True)
@@ -148,6 +149,14 @@ def test_export_trainer_run_tp2_zero2(run, tmp_path, world1):
     with torch.no_grad():
         full = model(gen).logits
     assert torch.equal(full[0, prompt.shape[1] - 1:-1].argmax(-1), gen[0, prompt.shape[1]:])
+    # left padding: learned positions start at each row's first real token, as unpadded
+    exact.padding_side = "left"
+    batch = exact(["def main():\n    return", "import os"], return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 3, "do_sample": False, "output_scores": True,
+          "return_dict_in_generate": True}
+    padded = model.generate(**batch, **kw).scores
+    alone = model.generate(**exact(["import os"], return_tensors="pt"), **kw).scores
+    assert max((a[1] - b[0]).abs().max().item() for a, b in zip(padded, alone)) < ATOL
 
 
 def test_export_grown_universal_checkpoint(run, tmp_path, world1):
@@ -271,6 +280,7 @@ def test_cli_errors_and_help(run, tmp_path, capsys):
     assert resolve_source(lag).train_config == run / "train_config.yaml"
     adaptive = tmp_path / "adaptive"
     adaptive.mkdir()
-    (adaptive / "stages.json").write_text(json.dumps({"stages": [{"stage": 2, "run_dir": str(run)}]}))
+    stages = {"stages": [{"stage": 2, "run_dir": str(run)}]}
+    (adaptive / "stages.json").write_text(json.dumps(stages))
     assert resolve_source(adaptive).checkpoint == ckpt
     assert resolve_source(ckpt / "global_step2").train_config == run / "train_config.yaml"

@@ -16,7 +16,8 @@ rotary positions). So the export is Llama's classes plus a position table, shipp
 
     embedding.word_embeddings.weight        -> model.embed_tokens.weight
     embedding.position_embeddings.weight    -> model.embed_positions.weight
-    decoder.layers.{i}.input_layernorm.weight   (TE spec: self_attention.linear_qkv.layer_norm_weight)
+    decoder.layers.{i}.input_layernorm.weight
+      (TE spec: self_attention.linear_qkv.layer_norm_weight)
                                             -> model.layers.{i}.input_layernorm.weight
     decoder.layers.{i}.self_attention.linear_qkv.weight
         rows = per query group g: [q heads of g (np/ng x hn), k_g (hn), v_g (hn)]
@@ -229,8 +230,8 @@ def open_reader(checkpoint: Path, *, unsafe_load: bool = False) -> tuple[Any, An
 
     info = read_checkpoint_info(checkpoint, unsafe_load=unsafe_load)
     if info.family != "megatron-core-gpt":
-        raise ValueError(f"{checkpoint}: a {info.format} checkpoint of a {info.family} model is not "
-                         f"a lag_ds model (megatron-core GPT); cannot export it")
+        raise ValueError(f"{checkpoint}: a {info.format} checkpoint of a {info.family} model is "
+                         f"not a lag_ds model (megatron-core GPT); cannot export it")
     if info.format == "deepspeed":
         return info, open_checkpoint(checkpoint, unsafe_load=unsafe_load)
     if info.format == "deepspeed-universal":
@@ -308,7 +309,8 @@ def infer_model_shape(reader: Any, num_heads: int) -> ModelShape:
                       max_positions=max_positions, tied="output_layer.weight" not in names)
 
 
-def hf_tensors(name: str, tensor: torch.Tensor, shape: ModelShape) -> list[tuple[str, torch.Tensor]]:
+def hf_tensors(name: str, tensor: torch.Tensor, shape: ModelShape
+               ) -> list[tuple[str, torch.Tensor]]:
     """The HF tensors of one full megatron-core parameter (two or three for fused ones)."""
     from lag_ds.checkpoint.megatron_layout import split_layer_name
 

@@ -1,4 +1,4 @@
-"""lag_ds's tokenizer (``lag_ds.data.tokenizer.Ul2Tokenizer``) for Hugging Face, exact (remote code).
+"""lag_ds's tokenizer (``lag_ds.data.tokenizer.Ul2Tokenizer``) for Hugging Face, exactly.
 
 Why a class of its own: lag_ds encodes text with the SentencePiece library itself. The
 ``tokenizers`` re-implementation that ``AutoTokenizer`` builds from a ``.model`` file (and the
