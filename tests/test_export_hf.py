@@ -56,10 +56,15 @@ def run(tmp_path_factory) -> Path:
                ds_config=str(REPO / "ds_configs/cpu_zero2.json"))
     config = run_dir / "train_config.yaml"  # where the LAG driver puts every job's config
     config.write_text(yaml.safe_dump(cfg))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "lag_ds.train", "--config", str(config)]
-    proc = subprocess.run(cmd, cwd=REPO, env=deepspeed_env(), capture_output=True, text=True,
-                          timeout=300)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=deepspeed_env(), capture_output=True, text=True,
+                              timeout=300)
+    finally:  # DeepSpeed leaves its CPU all-reduce segments behind (README: known problems)
+        for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            segment.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
