@@ -1,0 +1,1 @@
+"""Exports of lag_ds checkpoints to other ecosystems (``hf``: Hugging Face ``transformers``)."""
