@@ -573,7 +573,7 @@ CASES = [
          "--total-steps 3 must exceed", "--total-steps not past base step + k"),
     Case("stack-out-inside-base", "stack", _s_out_inside, "inside --base-checkpoint",
          "--out-dir inside --base-checkpoint"),
-    # ---------------------------------------------------------------- python -m lag_ds.stacking.adaptive
+    # ---------------------------------------------------------------- python -m ...adaptive
     Case("adaptive-no-schedule", "adaptive", lambda e: ["--out-dir", str(e.root / "a")],
          "the following arguments are required: --schedule", "no --schedule"),
     Case("adaptive-schedule-missing", "adaptive", lambda e: a_args(e, e.root / "nope.yaml"),
@@ -733,7 +733,7 @@ def test_verify_names_a_flipped_byte_with_exit_1(sources, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("what", ["new-run-dir", "empty-checkpoints-dir", "uncommitted-tag",
-                                  "resume", "init-from"])
+                                  "resume", "init-from", "init-from-universal"])
 def test_valid_trainer_starts_are_not_refused(what, sources, tmp_path, capsys, tripwires):
     """Controls: a truly new run starts fresh, so does a save killed before its pointer (one tag,
     no `latest`, a warning); a good checkpoint resumes. These reach train() (the tripwire)."""
@@ -750,8 +750,10 @@ def test_valid_trainer_starts_are_not_refused(what, sources, tmp_path, capsys, t
         shutil.rmtree(run / "checkpoints" / TAG1)
     elif what == "resume":
         run = env.run()
-    else:
+    elif what == "init-from":
         run, sets = tmp_path / "new", [f"init_from={env.ck()}"]
+    else:  # a grown candidate: universal layout, 4 layers
+        run, sets = tmp_path / "new", [f"init_from={env.copy('grown')}", "num_layers=4"]
     from lag_ds.train.main import main
 
     with pytest.raises(Tripwire):

@@ -204,8 +204,8 @@ class DeepSpeedCheckpoint:
             for name in names_t:
                 shape = self.local_shapes[t].get(name)
                 if shape is None:
-                    raise ValueError(f"{self.tag_dir}: optimizer holds {name}, which the module does not "
-                                     "have (a shard from another run?)")
+                    raise ValueError(f"{self.tag_dir}: optimizer holds {name}, which the module "
+                                     "does not have (a shard from another run?)")
                 covered = sum(f.numel for f in frags[name])
                 if covered != math.prod(shape):
                     raise ValueError(f"{self.tag_dir}: tp={t} {name}: fragments cover {covered} of {math.prod(shape)} elements")
@@ -217,8 +217,8 @@ class DeepSpeedCheckpoint:
         assert order is not None
         missing = [n for n in self.local_shapes[0] if n not in order]
         if missing:
-            raise ValueError(f"{self.tag_dir}: module parameter {missing[0]} has no optimizer state "
-                             "(a shard from another run?)")
+            raise ValueError(f"{self.tag_dir}: module parameter {missing[0]} has no optimizer "
+                             "state (a shard from another run?)")
         self._step = step
         return order
 

@@ -48,7 +48,7 @@ def _check_regular_file(path: Path) -> None:
 
 
 TRUSTED_PICKLE_MODULES = ("torch.", "deepspeed.", "megatron.", "collections.", "numpy.")
-"""Packages whose classes a DeepSpeed checkpoint may reference (see :func:`check_pickle_globals`)."""
+"""Packages whose classes a DeepSpeed checkpoint may reference (:func:`check_pickle_globals`)."""
 
 
 def check_pickle_globals(path: Path) -> None:

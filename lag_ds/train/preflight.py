@@ -6,7 +6,8 @@ Why here, in every rank's process, before torch.distributed, data preparation an
   through start-up, and never a silent fresh start (RELIABILITY.md #3);
 * DeepSpeed's ``load_checkpoint`` unpickles every file of a tag with ``weights_only=False``, so a
   malicious pickle must be refused before DeepSpeed opens it (RELIABILITY.md #6): every ``.pt``
-  file of the tag is scanned without being run (:func:`~lag_ds.checkpoint.safe_load.check_pickle_globals`);
+  file of the tag is scanned without being run
+  (:func:`~lag_ds.checkpoint.safe_load.check_pickle_globals`);
 * a checkpoint of another depth or tensor-parallel degree would fail deep inside DeepSpeed (or, for
   universal checkpoints, silently skip parameters).
 
@@ -108,7 +109,8 @@ def _check_ds_config(path: Path) -> None:
 
 def _check_tag(tag_dir: Path, cfg: TrainConfig, *, layers: int, what: str,
                native: bool = True) -> None:
-    """Every file of the tag safe to unpickle, the shard set complete, depth and TP as configured."""
+    """Every file of the tag safe to unpickle, the shard set complete, depth and TP as
+    configured."""
     from lag_ds.checkpoint.formats import read_checkpoint_info
     from lag_ds.checkpoint.safe_load import check_pickle_globals, load_checkpoint_file
 
