@@ -97,3 +97,19 @@ def verify_manifest(root: Path) -> list[str]:
         if path.relative_to(root).as_posix() not in listed:
             problems.append(f"{path}: not in manifest")
     return problems
+
+
+def check_source_manifest(src: Path) -> None:
+    """Refuse a source whose lag_ds manifest (in ``src`` or, for a tag directory, the directory
+    above) no longer matches its files; one-line ``ValueError`` naming the first bad file.
+
+    Why: a flipped byte inside tensor data unpickles fine and would be grown silently; where a
+    manifest exists, its sha256 is the only thing that can tell."""
+    src = Path(src)
+    for root in (src, src.parent):
+        if (root / MANIFEST_NAME).is_file():
+            problems = verify_manifest(root)
+            if problems:
+                raise ValueError(f"{problems[0]} ({len(problems)} problem(s) against "
+                                 f"{root / MANIFEST_NAME}; source refused)")
+            return
