@@ -107,6 +107,14 @@ def checkpoint_bytes(engine: Any) -> int:
     return tp * local + dist.get_world_size() * 2 * stored_size(1 << 16)
 
 
+def _all_ranks(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (NCCL reduces only device tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _check_space_everywhere(engine: Any, ckpt_dir: Path, tag: str) -> None:
     """Every rank checks; if any refuses, all raise (no rank is left waiting in a barrier)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -115,11 +123,10 @@ def _check_space_everywhere(engine: Any, ckpt_dir: Path, tag: str) -> None:
         check_free_space(ckpt_dir, checkpoint_bytes(engine), destination=ckpt_dir / tag)
     except DiskFullError as exc:
         refusal = exc
-    ok = torch.tensor([0 if refusal else 1], dtype=torch.int64)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    everyone_ok = _all_ranks(refusal is None)
     if refusal is not None:
         raise refusal
-    if not ok.item():
+    if not everyone_ok:
         raise DiskFullError(f"not enough free space for {ckpt_dir / tag} on another rank's disk")
 
 
@@ -156,11 +163,10 @@ def save(engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any]
             failure = disk_full_error(exc, ckpt_dir, writing=ckpt_dir / "latest")
         else:
             _prune(ckpt_dir, keep=keep, protect=tag)
-    ok = torch.tensor([0 if failure else 1], dtype=torch.int64)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # doubles as the closing barrier
+    everyone_ok = _all_ranks(failure is None)  # doubles as the closing barrier
     if failure is not None:
         raise failure
-    if not ok.item():
+    if not everyone_ok:
         raise DiskFullError(f"disk full while writing {ckpt_dir / 'latest'} (on rank 0)")
     return ckpt_dir / tag
 
