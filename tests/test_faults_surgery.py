@@ -74,9 +74,10 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return {"zero2": root / "zero2", "pipe": root / "pipe", "hf": root / "hf"}
 
 
-def grow(src: Path, dst: Path, op: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(TOOL), "--src", str(src), "--dst", str(dst), "--op", op,
-           "--no-progress", *args]
+def grow(src: Path, dst: Path, op: str | None, *args: str,
+         **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TOOL), "--src", str(src), "--dst", str(dst),
+           *(["--op", op] if op else []), "--no-progress", *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True,
                           timeout=300)
 
@@ -131,6 +132,36 @@ def test_sigkill_leaves_source_intact_and_destination_absent_or_complete(sources
         assert verify_manifest(dst) == []
     assert partials(dst) == []
     assert digest(src) == before
+
+
+MATERIALISE = """
+import sys
+from pathlib import Path
+from lag_ds.checkpoint.universal_links import materialise_candidate
+from lag_ds.growth import parse_operator, plan_growth
+plan = plan_growth(parse_operator(sys.argv[3]), 2, seed=0)
+materialise_candidate(Path(sys.argv[1]), Path(sys.argv[2]), plan)
+"""
+
+
+@pytest.mark.parametrize("point", ["links.file_linked:3", "links.file_written"])
+def test_sigkill_while_materialising_a_linked_candidate(sources, tmp_path_factory, tmp_path,
+                                                        point):
+    """The orchestrator's candidates: hard links into a universal base, a few files written."""
+    base = tmp_path_factory.getbasetemp() / "universal_base"
+    if not base.exists():
+        made = grow(sources["zero2"], base, None, "--target-tp", "1")  # reshard only: native -> universal
+        assert made.returncode == 0, made.stderr[-2000:]
+    before = digest(base)
+    dst = tmp_path / "cand"
+    cmd = [sys.executable, "-c", MATERIALISE, str(base), str(dst), "k=1,i0=0,b=1,init=random"]
+    killed = subprocess.run(cmd, cwd=REPO, env=_env(LAG_DS_FAULT_POINT=point),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert digest(base) == before and not dst.exists() and len(partials(dst)) == 1
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert verify_manifest(dst) == [] and partials(dst) == [] and digest(base) == before
 
 
 # ------------------------------------------------------------------------------------ disk full
