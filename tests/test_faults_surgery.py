@@ -74,12 +74,53 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return {"zero2": root / "zero2", "pipe": root / "pipe", "hf": root / "hf"}
 
 
-def grow(src: Path, dst: Path, op: str | None, *args: str,
+class ForkRunner:
+    """Client of ``tests/fork_runner.py``: each run is a forked child calling the tool's
+    ``main(argv)`` (see there why); the answer is shaped like ``subprocess.run``'s."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.count = root, 0
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/fork_runner.py")],
+                                     cwd=REPO, env=_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self._answer() == "ready"
+
+    def _answer(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("FORKRUN "):
+                return line.split(" ", 1)[1].strip()
+        raise AssertionError(f"fork runner died (exit {self.proc.wait()})")
+
+    def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        self.count += 1
+        out = self.root / f"run{self.count}"
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        code = int(self._answer())
+        return subprocess.CompletedProcess(argv, code, Path(f"{out}.out").read_text(),
+                                           Path(f"{out}.err").read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    forks = ForkRunner(tmp_path_factory.mktemp("fork_runs"))
+    yield forks
+    forks.close()
+
+
+def grow(src: Path, dst: Path, op: str | None, *args: str, runner: ForkRunner | None = None,
          **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(TOOL), "--src", str(src), "--dst", str(dst),
-           *(["--op", op] if op else []), "--no-progress", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True,
-                          timeout=300)
+    """The tool on ``src`` -> ``dst``: a fresh interpreter, or a child of ``runner``."""
+    argv = ["--src", str(src), "--dst", str(dst), *(["--op", op] if op else []), "--no-progress",
+            *args]
+    if runner is not None:
+        return runner.run(argv, env)
+    return subprocess.run([sys.executable, str(TOOL), *argv], cwd=REPO, env=_env(**env),
+                          capture_output=True, text=True, timeout=300)
 
 
 # (source, operator, fault point), in the order a run reaches them
@@ -104,13 +145,17 @@ KILL_POINTS = [
 ]
 
 
+FRESH = {"atomic.fsynced", "pipe.layer_linked:2"}  # also from a fresh `python tools/...`
+
+
 @pytest.mark.parametrize("name,op,point", KILL_POINTS, ids=[p[2] for p in KILL_POINTS])
-def test_sigkill_leaves_source_intact_and_destination_absent_or_complete(sources, tmp_path, name,
-                                                                          op, point):
+def test_sigkill_leaves_source_intact_and_destination_absent_or_complete(sources, runner, tmp_path,
+                                                                          name, op, point):
     src = sources[name]
     before = digest(src)
     dst = tmp_path / "grown"
-    killed = grow(src, dst, op, LAG_DS_FAULT_POINT=point)
+    forks = None if point in FRESH else runner
+    killed = grow(src, dst, op, runner=forks, LAG_DS_FAULT_POINT=point)
     assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
     assert digest(src) == before
     if point == "atomic.before_partial":
@@ -121,12 +166,12 @@ def test_sigkill_leaves_source_intact_and_destination_absent_or_complete(sources
         check = subprocess.run([sys.executable, str(TOOL), "--verify", str(dst)], cwd=REPO,
                                env=_env(), capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, check.stderr
-        again = grow(src, dst, op)  # re-run: refuses to overwrite the complete output
+        again = grow(src, dst, op, runner=forks)  # re-run: refuses to overwrite it
         assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
     else:
         if point != "atomic.before_partial":
             assert len(partials(dst)) == 1  # what the kill left (removed by the next run)
-        again = grow(src, dst, op, "--verify")
+        again = grow(src, dst, op, "--verify", runner=forks)
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
         assert f"{dst}: verified" in again.stdout
         assert verify_manifest(dst) == []
@@ -134,32 +179,21 @@ def test_sigkill_leaves_source_intact_and_destination_absent_or_complete(sources
     assert digest(src) == before
 
 
-MATERIALISE = """
-import sys
-from pathlib import Path
-from lag_ds.checkpoint.universal_links import materialise_candidate
-from lag_ds.growth import parse_operator, plan_growth
-plan = plan_growth(parse_operator(sys.argv[3]), 2, seed=0)
-materialise_candidate(Path(sys.argv[1]), Path(sys.argv[2]), plan)
-"""
-
-
 @pytest.mark.parametrize("point", ["links.file_linked:3", "links.file_written"])
-def test_sigkill_while_materialising_a_linked_candidate(sources, tmp_path_factory, tmp_path,
-                                                        point):
+def test_sigkill_while_materialising_a_linked_candidate(sources, runner, tmp_path_factory,
+                                                        tmp_path, point):
     """The orchestrator's candidates: hard links into a universal base, a few files written."""
     base = tmp_path_factory.getbasetemp() / "universal_base"
-    if not base.exists():
-        made = grow(sources["zero2"], base, None, "--target-tp", "1")  # reshard only: native -> universal
+    if not base.exists():  # reshard only: native ZeRO-2 -> universal
+        made = grow(sources["zero2"], base, None, "--target-tp", "1", runner=runner)
         assert made.returncode == 0, made.stderr[-2000:]
     before = digest(base)
     dst = tmp_path / "cand"
-    cmd = [sys.executable, "-c", MATERIALISE, str(base), str(dst), "k=1,i0=0,b=1,init=random"]
-    killed = subprocess.run(cmd, cwd=REPO, env=_env(LAG_DS_FAULT_POINT=point),
-                            capture_output=True, text=True, timeout=300)
+    argv = ["materialise", str(base), str(dst), "k=1,i0=0,b=1,init=random"]
+    killed = runner.run(argv, {"LAG_DS_FAULT_POINT": point})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert digest(base) == before and not dst.exists() and len(partials(dst)) == 1
-    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    again = runner.run(argv, {})
     assert again.returncode == 0, again.stderr[-2000:]
     assert verify_manifest(dst) == [] and partials(dst) == [] and digest(base) == before
 
@@ -203,22 +237,23 @@ def _one_line_error(proc: subprocess.CompletedProcess, dst: Path, text: str) -> 
     ("pipe", PIPE_OP, "pipe.param_written:2"),
     ("hf", HF_OP, "hf.shard_written"),  # safetensors' SafetensorError
 ])
-def test_grow_onto_a_full_disk_fails_cleanly(sources, small_disk, name, op, fill):
+def test_grow_onto_a_full_disk_fails_cleanly(sources, runner, small_disk, name, op, fill):
     src = sources[name]
     before = digest(src)
     mnt = small_disk(96 * 1024)  # far below any estimate: the pre-check refuses
     dst = mnt / "grown"
-    refused = grow(src, dst, op)
+    refused = grow(src, dst, op, runner=runner)
     line = _one_line_error(refused, dst, "not enough free space for")
     assert not dst.exists() and partials(dst) == [] and _used(mnt) == 0
     need = float(line.split("need ~")[1].split()[0]) * {"KB": 1e3, "MB": 1e6}[
         line.split("need ~")[1].split()[1]]
     mnt = small_disk(int(need * 1.05) + 256 * 1024)  # the check passes ...
-    full = grow(src, dst, op, LAG_DS_FAULT_FILL=fill)  # ... then the disk fills during the write
+    forks = None if name == "zero2" else runner  # one of them from a fresh interpreter
+    full = grow(src, dst, op, runner=forks, LAG_DS_FAULT_FILL=fill)  # ... then the disk fills
     _one_line_error(full, dst, "disk full while writing")
     assert not dst.exists() and partials(dst) == [] and _used(mnt) == 0  # filler went too
     assert digest(src) == before
-    ok = grow(src, dst, op, "--verify")  # the estimate is an upper bound: it fits
+    ok = grow(src, dst, op, "--verify", runner=runner)  # the estimate is an upper bound: fits
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert _used(mnt) <= need * 1.05
 
