@@ -37,7 +37,7 @@ import torch
 from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
 from lag_ds.checkpoint.formats import check_destination, progress_bar
-from lag_ds.checkpoint.manifest import write_manifest
+from lag_ds.checkpoint.manifest import BackgroundHasher, write_manifest
 from lag_ds.checkpoint.megatron_layout import (
     OUTPUT_PROJECTION_SUFFIXES,
     layer_name,
@@ -152,12 +152,13 @@ def grow_deepspeed_checkpoint(
     check_free_space(dst.parent, _estimate_bytes(ckpt, dests, tp=tp), destination=dst)
 
     universal = ckpt.zero_stage > 0
-    with AtomicDirectory(dst) as tmp:
+    with AtomicDirectory(dst) as tmp, BackgroundHasher() as hasher:
         tag_dir = tmp / ckpt.tag
         tag_dir.mkdir()
         bar = progress_bar(show_progress, total=len(dests) * (1 if universal else tp), desc=f"grow {ckpt.tag}")
         if universal:
-            _write_universal(ckpt, tag_dir, dests, policy=optimizer_state, std=init_std, num_layers=new_layers, bar=bar)
+            _write_universal(ckpt, tag_dir, dests, policy=optimizer_state, std=init_std, num_layers=new_layers, bar=bar,
+                             hasher=hasher)
             (tmp / UNIVERSAL_POINTER).write_text(ckpt.tag)
         else:
             _write_stage0(ckpt, tag_dir, dests, tp=tp, policy=optimizer_state, std=init_std,
@@ -165,7 +166,7 @@ def grow_deepspeed_checkpoint(
             (tmp / "latest").write_text(ckpt.tag)
         bar.close()
         manifest = write_manifest(
-            tmp, kind="deepspeed-universal" if universal else "deepspeed-zero0",
+            tmp, kind="deepspeed-universal" if universal else "deepspeed-zero0", known_hashes=hasher.results(),
             source={"path": str(Path(src).resolve()), "tag": ckpt.tag, "tp": ckpt.tp, "dp": ckpt.dp,
                     "zero_stage": ckpt.zero_stage, "num_layers": ckpt.num_layers, "global_steps": ckpt.global_steps,
                     "glu": ckpt.glu},
@@ -196,7 +197,9 @@ def _estimate_bytes(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: 
 
 
 def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destination], *, policy: str,
-                     std: float, num_layers: int, bar: Any) -> None:
+                     std: float, num_layers: int, bar: Any, hasher: BackgroundHasher) -> None:
+    """One folder per parameter; each tensor is gathered in one copy (``gather.py``), saved,
+    then hashed and fsynced in the background while the next one is gathered."""
     zero_dir = tag_dir / "zero"
     zero_dir.mkdir()
     step = torch.tensor(ckpt.step)
@@ -210,9 +213,11 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
         for key in ("fp32", *STATE_KEYS):
             tensor = _value(ckpt, dest, key, policy=policy, std=std, num_layers=num_layers)
             torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
+            hasher.add(folder / f"{key}.pt")
             del tensor
             fault_point(f"deepspeed.{key}_written", folder)
         torch.save(step.clone(), folder / "step.pt")
+        hasher.add(folder / "step.pt")
         fault_point("deepspeed.param_written", folder)
         bar.update(1)
     groups = [dict(g, params=[]) for g in ckpt.param_groups()]

@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lag_ds.checkpoint.deepspeed_source import Fragment
+from lag_ds.checkpoint.gather import gather_full
 from lag_ds.checkpoint.layer_tables import TABLES, LayerTable, family_of_layer_keys
-from lag_ds.checkpoint.megatron_layout import TpRule, merge_tp
+from lag_ds.checkpoint.megatron_layout import TpRule
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
 LAYER_FILE = re.compile(r"^layer_(\d+)(-model_(\d+))?-model_states\.pt$")
@@ -294,20 +296,29 @@ class PipeCheckpoint:
     def param_names(self) -> list[str]:
         return list(self.names)
 
-    def local_value(self, name: str, tp: int, key: str = "fp32") -> torch.Tensor:
+    def _pieces(self, name: str, tp: int, key: str) -> Iterator[torch.Tensor]:
+        """Fragments of ``name`` on TP rank ``tp``, in order: views into the mapped partitions."""
         m = self.holder[(name, tp)]
-        pieces = []
         for frag in self.fragments[m][name]:
             osd = self.optim[m][frag.dp_rank]
             flat = (osd["single_partition_of_fp32_groups"][frag.group] if key == "fp32"
                     else osd["base_optimizer_state"]["state"][frag.group][key])
-            pieces.append(flat.narrow(0, frag.start, frag.numel))
+            yield flat.narrow(0, frag.start, frag.numel)
+
+    def local_value(self, name: str, tp: int, key: str = "fp32") -> torch.Tensor:
+        pieces = list(self._pieces(name, tp, key))
         joined = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)  # never a view
-        return joined.float().reshape(self.local_shapes[m][name])
+        return joined.float().reshape(self.local_shapes[self.holder[(name, tp)]][name])
 
     def value(self, name: str, key: str = "fp32") -> torch.Tensor:
-        shards = [self.local_value(name, t, key) for t in range(self.tp)]
-        return merge_tp(shards, self.tp_rule(name))
+        """The TP-merged value, gathered in one copy (``gather.py``)."""
+        shapes = [self.local_shapes[self.holder[(name, t)]][name] for t in range(self.tp)]
+        rule = self.tp_rule(name)
+        full_shape = list(shapes[0])
+        if rule.cat_dim is not None:
+            full_shape[rule.cat_dim] = sum(s[rule.cat_dim] for s in shapes)
+        return gather_full(tuple(full_shape), rule, shapes, lambda t: self._pieces(name, t, key),
+                           what=f"{self.tag_dir}: {name}")
 
     def layer_file(self, idx: int, tp: int) -> Path:
         return self.tag_dir / self.layer_files[idx][tp]

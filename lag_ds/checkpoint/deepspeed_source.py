@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lag_ds.checkpoint.gather import gather_full
 from lag_ds.checkpoint.megatron_layout import (
     TpRule,
     detect_glu,
@@ -272,21 +274,29 @@ class DeepSpeedCheckpoint:
             if key == "fp32":
                 return states["module"][name].float().reshape(shape)
             return self._optimizer(tp_rank)["state"][index][key].float().reshape(shape)
-        pieces = []
-        for frag in self.fragments[tp_rank][name]:
-            osd = self.optim_states[tp_rank][frag.dp_rank]
-            flat = (osd["single_partition_of_fp32_groups"][frag.group] if key == "fp32"
-                    else osd["base_optimizer_state"]["state"][frag.group][key])
-            pieces.append(flat.narrow(0, frag.start, frag.numel))
+        pieces = list(self._pieces(name, tp_rank, key))
         # Always a copy: a view would keep the whole memory-mapped partition as its storage, and
         # torch.save writes a tensor's entire storage.
         joined = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
         return joined.float().reshape(shape)
 
+    def _pieces(self, name: str, tp_rank: int, key: str) -> Iterator[torch.Tensor]:
+        """This TP rank's fragments of ``name``, in order: views into the mapped partitions."""
+        for frag in self.fragments[tp_rank][name]:
+            osd = self.optim_states[tp_rank][frag.dp_rank]
+            flat = (osd["single_partition_of_fp32_groups"][frag.group] if key == "fp32"
+                    else osd["base_optimizer_state"]["state"][frag.group][key])
+            yield flat.narrow(0, frag.start, frag.numel)
+
     def full_value(self, name: str, key: str = "fp32") -> torch.Tensor:
-        """The TP-merged parameter or moment (one parameter in memory at a time)."""
-        shards = [self.local_value(name, r, key) for r in range(self.tp)]
-        return merge_tp(shards, self.rules[name])
+        """The TP-merged parameter or moment, gathered in one copy into one new fp32 tensor
+        (``gather.py``: one parameter in memory at a time, no intermediate shards)."""
+        if self.zero_stage == 0:
+            shards = [self.local_value(name, r, key) for r in range(self.tp)]
+            return merge_tp(shards, self.rules[name])
+        return gather_full(self.full_shapes[name], self.rules[name],
+                           [s[name] for s in self.local_shapes],
+                           lambda r: self._pieces(name, r, key), what=f"{self.tag_dir}: {name}")
 
     def client_state(self) -> dict[str, Any]:
         """Model-state keys that are neither DeepSpeed's own nor the module (the trainer's extras)."""

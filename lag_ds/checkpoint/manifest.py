@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,6 +33,44 @@ def sha256_file(path: Path) -> str:
         while block := f.read(_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def _hash_and_sync(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+class BackgroundHasher:
+    """Hash and fsync each file in one worker thread as soon as it is complete.
+
+    Why: the manifest needs every file's sha256 and the atomic rename needs every file fsynced.
+    Done after the last write, both re-read and flush the whole output while nothing else runs
+    (about 15 % of a ZeRO-2 grow, profiled on a 2.7 GB checkpoint). In a thread they overlap with
+    gathering and writing the next tensor: hashlib and file I/O release the GIL. One file at a
+    time in 8 MiB blocks, so it costs no memory to speak of. Give :meth:`results` to
+    :func:`write_manifest` as ``known_hashes``; files added later than they are complete would be
+    hashed wrong, so add a file only once it is closed.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lag_ds-hash")
+        self._jobs: dict[Path, Future[str]] = {}
+
+    def add(self, path: Path) -> None:
+        self._jobs[Path(path)] = self._pool.submit(_hash_and_sync, Path(path))
+
+    def results(self) -> dict[Path, str]:
+        return {path: job.result() for path, job in self._jobs.items()}
+
+    def __enter__(self) -> BackgroundHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _walk(root: Path) -> Iterable[Path]:
