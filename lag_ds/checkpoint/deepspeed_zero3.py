@@ -16,9 +16,9 @@ every rank's file (memory-mapped) and cuts the padding off: peak memory is about
 never the model.
 
 Output (:func:`grow_zero3_checkpoint`): DeepSpeed's universal layout, as for ZeRO-1/2 sources,
-because stock DeepSpeed 0.19's ZeRO-3 loads it (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_
-stage3`` re-partitions each full tensor for the loading DP degree) -- verified by the tests at the
-same and at another DP degree. Stage 3 looks for ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` and
+because stock DeepSpeed 0.19's ZeRO-3 loads it (its
+``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` re-partitions each full tensor for the
+loading DP degree) -- verified by the tests at the same and at another DP degree. Stage 3 looks for ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` and
 reads the step from ``optimizer_state.pt['optimizer_state_dict']['state'][0]``; stage 1/2 look for
 ``mp_rank_XX_model_states.pt`` and the top-level keys. Both are written, so one output serves both.
 
@@ -80,10 +80,12 @@ class Zero3Checkpoint:
     def __init__(self, src: Path, *, unsafe_load: bool = False) -> None:
         tag_dir = zero3_tag_dir(src)
         if tag_dir is None:
-            raise ValueError(f"--src {src}: no zero_pp_rank_*_mp_rank_*_model_states.pt (not ZeRO-3)")
+            raise ValueError(f"--src {src}: no zero_pp_rank_*_mp_rank_*_model_states.pt "
+                             "(not ZeRO-3)")
         self.tag_dir, self.tag = tag_dir, tag_dir.name
         files = sorted(p.name for p in tag_dir.iterdir())
-        models = sorted((int(m.group(1)), int(m.group(2))) for f in files if (m := MODEL_FILE.match(f)))
+        models = sorted((int(m.group(1)), int(m.group(2)))
+                        for f in files if (m := MODEL_FILE.match(f)))
         if any(t != 0 for _, t in models):
             raise ValueError(f"{tag_dir}: ZeRO-3 with tensor parallelism (mp_rank > 0) is not "
                              "supported (TP=1 only)")
@@ -93,12 +95,12 @@ class Zero3Checkpoint:
         self.zero_stage = int((meta.get("ds_config") or {}).get("zero_optimization", {})
                               .get("stage", 0))
         if self.zero_stage != 3:
-            raise ValueError(f"{tag_dir}: model states say ZeRO stage {self.zero_stage}, file names "
-                             "say 3")
+            raise ValueError(f"{tag_dir}: model states say ZeRO stage {self.zero_stage}, "
+                             "file names say 3")
         self.tp, self.dp = 1, int(meta.get("dp_world_size", 1))
         if int(meta.get("mp_world_size", 1)) != 1:
-            raise ValueError(f"{tag_dir}: mp_world_size={meta['mp_world_size']}: ZeRO-3 with tensor "
-                             "parallelism is not supported (TP=1 only)")
+            raise ValueError(f"{tag_dir}: mp_world_size={meta['mp_world_size']}: ZeRO-3 with "
+                             "tensor parallelism is not supported (TP=1 only)")
         expected = list(range(self.dp))
         if [d for d, _ in models] != expected:
             raise ValueError(f"{tag_dir}: model state files for DP ranks {[d for d, _ in models]}, "
@@ -134,7 +136,8 @@ class Zero3Checkpoint:
             if stage != 3:
                 raise ValueError(f"{where}: optimizer file says ZeRO stage {stage}, not 3")
             if int(osd.get("partition_count", self.dp)) != self.dp:
-                raise ValueError(f"{where}: partition_count {osd['partition_count']} != DP {self.dp}")
+                raise ValueError(f"{where}: partition_count {osd['partition_count']} != "
+                                 f"DP {self.dp}")
             flats = osd["fp32_flat_groups"]
             inner = osd["optimizer_state_dict"]
             if len(inner["param_groups"]) != 1:
@@ -147,7 +150,8 @@ class Zero3Checkpoint:
                 state = inner["state"][g]
                 for key in STATE_KEYS:
                     if state[key].numel() != flat.numel():
-                        raise ValueError(f"{where} group {g}: {key} size differs from fp32 partition")
+                        raise ValueError(f"{where} group {g}: {key} size differs from the fp32 "
+                                         "partition")
                 s = float(state["step"])
                 if step is not None and s != step:
                     raise ValueError(f"{self.tag_dir}: optimizer step differs between partitions "
@@ -199,7 +203,7 @@ class Zero3Checkpoint:
         return {k: v for k, v in self.optim_states[0].items() if k not in drop}
 
     def client_state(self) -> dict[str, Any]:
-        """Model-state keys that are neither DeepSpeed's own nor the module (the trainer's extras)."""
+        """Model-state keys that are not DeepSpeed's own nor the module (the trainer's extras)."""
         from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
 
         return DeepSpeedCheckpoint.client_state(self)  # same key filter, reads model_states[0]
@@ -242,7 +246,8 @@ def info(path: Path, *, unsafe_load: bool = False):
     names = [n for group in meta.get("param_shapes") or [] for n in group]
     num_layers = len({s[0] for n in names if (s := split_layer_name(n))})
     if num_layers == 0:
-        raise ValueError(f"{tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)")
+        raise ValueError(f"{tag_dir}: no decoder.layers.* parameters "
+                         "(not a megatron-core GPTModel?)")
     return CheckpointInfo("deepspeed-zero3", tag_dir, num_layers, int(meta.get("global_steps", 0)),
                           "megatron-core-gpt", 3)
 
@@ -325,7 +330,8 @@ def grow_zero3_checkpoint(
                 "loads_with": {"checkpoint": {"load_universal": True}},
                 "note": "universal layout from ZeRO-3: loads with ZeRO-3 (or 1/2) at any DP, TP=1",
                 "new_layer_optimizer_state": {
-                    "duplicate/zero": f"{optimizer_state} (zeroed output projections: zero moments)",
+                    "duplicate/zero": (f"{optimizer_state} "
+                                       "(zeroed output projections: zero moments)"),
                     "random/zero-random": "zero moments",
                 },
             },
