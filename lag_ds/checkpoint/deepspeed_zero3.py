@@ -18,9 +18,10 @@ never the model.
 Output (:func:`grow_zero3_checkpoint`): DeepSpeed's universal layout, as for ZeRO-1/2 sources,
 because stock DeepSpeed 0.19's ZeRO-3 loads it (its
 ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` re-partitions each full tensor for the
-loading DP degree) -- verified by the tests at the same and at another DP degree. Stage 3 looks for ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` and
-reads the step from ``optimizer_state.pt['optimizer_state_dict']['state'][0]``; stage 1/2 look for
-``mp_rank_XX_model_states.pt`` and the top-level keys. Both are written, so one output serves both.
+loading DP degree) -- verified by the tests at the same and at another DP degree. Stage 3 looks
+for ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` and reads the step from
+``optimizer_state.pt['optimizer_state_dict']['state'][0]``; stage 1/2 look for
+``mp_rank_XX_model_states.pt`` and the top-level keys. Both are written (stage 3 is what is tested).
 
 Limits (refused with one line, never guessed): TP > 1 (the stage-3 universal loader partitions the
 full tensor over DP without a TP split for megatron-core's own TP layers), frozen parameters,
