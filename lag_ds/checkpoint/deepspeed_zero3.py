@@ -169,11 +169,10 @@ class Zero3Checkpoint:
                 self.slots[name] = Slot(g, offset, chunk, tuple(shape))
                 offset += chunk
         self._step = step or 0.0
-        self.param_names = list(self.slots)
         self.full_shapes = {n: s.shape for n, s in self.slots.items()}
         self.glu = detect_glu(self.full_shapes)
-        self.rules: dict[str, TpRule] = {n: tp_rule(n, glu=self.glu) for n in self.param_names}
-        layers = sorted({s[0] for n in self.param_names if (s := split_layer_name(n))})
+        self.rules: dict[str, TpRule] = {n: tp_rule(n, glu=self.glu) for n in self.slots}
+        layers = sorted({s[0] for n in self.slots if (s := split_layer_name(n))})
         if not layers:
             raise ValueError(f"{self.tag_dir}: no decoder.layers.* parameters (not a megatron-core "
                              "GPTModel?)")
@@ -221,6 +220,10 @@ class Zero3Checkpoint:
         # A copy, never a view: torch.save would write the whole memory-mapped partition.
         joined = torch.cat(pieces)[: math.prod(slot.shape)].clone()
         return joined.float().reshape(slot.shape)
+
+    def param_names(self) -> list[str]:
+        """Parameters in the order of the flat partitions (module order)."""
+        return list(self.slots)
 
     def value(self, name: str, key: str = "fp32") -> torch.Tensor:
         return self.full_value(name, key)
@@ -286,7 +289,7 @@ def grow_zero3_checkpoint(
         raise ValueError(f"--target-dp must be >= 1 (got {target_dp})")
     dst = check_destination(dst)
     ck = Zero3Checkpoint(src, unsafe_load=unsafe_load)
-    dests = plan_destinations(ck.param_names, ck.num_layers, plan, where=str(ck.tag_dir))
+    dests = plan_destinations(ck.param_names(), ck.num_layers, plan, where=str(ck.tag_dir))
     new_layers = plan.new_num_layers if plan else ck.num_layers
     total = sum(math.prod(ck.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests)
     dst.parent.mkdir(parents=True, exist_ok=True)
