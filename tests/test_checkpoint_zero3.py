@@ -30,8 +30,8 @@ DUP = "k=2,i0=0,b=1,init=duplicate"  # [0, 0*, 1, 1*]
 ZERO = "k=2,i0=0,b=2,init=zero"  # [0, 1, 0*, 1*] with zeroed output projections
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("grow_cli", REPO / "tools/grow_checkpoint.py")
+def _cli(tool: str = "grow_checkpoint"):
+    spec = importlib.util.spec_from_file_location(tool, REPO / f"tools/{tool}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -75,6 +75,20 @@ def test_reader_matches_stock_zero_to_fp32(z3):
         assert torch.equal(reader.value(name), stock[name].float()), name
         for key in ("fp32", "exp_avg", "exp_avg_sq"):  # and what stock DeepSpeed loads
             assert torch.equal(reader.value(name, key), z3["ref"][name][key]), (name, key)
+
+
+def test_export_hf_reads_zero3(z3, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "hf"
+    assert _cli("export_hf")([str(z3["src"]), str(out), "--config",
+                              str(z3["root"] / "tiny.yaml"), "--no-tokenizer"]) == 0
+    weights = load_file(out / "model.safetensors")
+    reader = open_checkpoint(z3["src"])
+    assert torch.equal(weights["model.layers.1.mlp.down_proj.weight"],
+                       reader.value("decoder.layers.1.mlp.linear_fc2.weight"))
+    assert torch.equal(weights["model.embed_tokens.weight"],
+                       reader.value("embedding.word_embeddings.weight"))
 
 
 def test_duplicate_growth_loads_with_stock_zero3_at_another_dp(z3, tmp_path):
