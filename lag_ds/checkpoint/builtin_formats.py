@@ -189,7 +189,7 @@ register(Format("deepspeed-pipe", _pipe_sniff, _pipe_info, _pipe_grow,
 register(Format("deepspeed-universal", lambda p: _universal_tag_dir(p) is not None, _universal_info,
                 None, frozenset(),
                 why_not="grow the native checkpoint, or use materialise_candidate on a universal base"))
-# ZeRO-3 (zero_pp_rank_*_model_states.pt) before ZeRO 0/1/2, whose sniff matches any *_model_states.pt.
+# ZeRO-3 (zero_pp_rank_*_model_states.pt) before ZeRO 0/1/2: their sniff matches *_model_states.pt.
 _z3 = "lag_ds.checkpoint.deepspeed_zero3"
 register(Format("deepspeed-zero3", lambda p: import_module(_z3).sniff(p),
                 lambda p, **kw: import_module(_z3).info(p, **kw),
