@@ -49,8 +49,22 @@ study: $(STAMP)
 base-demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m lag_ds.train --config launch_scripts/configs/small_base.yaml
 
+# Every benchmark script, each printing JSON into $(BENCH_DIR) (benchmarks/README.md has the latest
+# figures). QUICK=1: sizes for a CI-sized machine (tiny/quick models, a few minutes in all).
+BENCH_DIR ?= runs/bench
 bench: $(STAMP)
-	$(PY) benchmarks/ul2_vs_causal_throughput.py
+	mkdir -p $(BENCH_DIR)
+	$(PY) benchmarks/ul2_vs_causal_throughput.py $(if $(QUICK),--preset tiny --steps 5,--preset small --steps 20) \
+	    > $(BENCH_DIR)/ul2_vs_causal_throughput.json
+	$(PY) benchmarks/grow_checkpoint_benchmark.py --workdir $(BENCH_DIR)/grow \
+	    $(if $(QUICK),--hidden 512 --ffn 1280 --heads 8,) > $(BENCH_DIR)/grow_checkpoint.json
+	rm -rf $(BENCH_DIR)/startup
+	$(PY) benchmarks/job_startup.py --workdir $(BENCH_DIR)/startup $(if $(QUICK),--quick,) \
+	    > $(BENCH_DIR)/job_startup.json
+	$(PY) benchmarks/race_efficiency.py $(BENCH_DIR)/startup/race > $(BENCH_DIR)/race_efficiency.json
+	if [ -d $(STUDY_DIR) ]; then $(PY) benchmarks/lag_cost.py $(STUDY_DIR) > $(BENCH_DIR)/lag_cost.json; \
+	else echo "lag_cost.py skipped: no $(STUDY_DIR) (run make study first)"; fi
+	@echo "results: $(BENCH_DIR)/*.json"
 
 clean:
 	rm -rf runs .cache

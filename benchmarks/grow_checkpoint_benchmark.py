@@ -19,7 +19,6 @@ moments and ``param_slice_mappings`` per DP x TP rank) without running DeepSpeed
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from json_stdout import keep_stdout_for_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--op", default="k=4,i0=4,b=2,init=duplicate")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
     args = p.parse_args(argv)
+    emit = keep_stdout_for_json()  # DeepSpeed prints to stdout; the JSON alone goes there
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             (grow["peak_rss_anon_bytes"] - baseline["peak_rss_anon_bytes"]) / largest,
         "peak_rss_over_largest_shard": grow["peak_rss_bytes"] / largest,
     }
-    print(json.dumps(report, indent=1))
+    emit(report)
     if not args.keep:
         shutil.rmtree(args.workdir)
     return report

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from json_stdout import keep_stdout_for_json
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="where to run the race (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny preset instead of the demo's small")
     args = p.parse_args(argv)
+    emit = keep_stdout_for_json()  # DeepSpeed prints to stdout; the JSON alone goes there
     if args.run_dir is not None:
         if not args.run_dir.is_dir():
             print(f"error: --run-dir {args.run_dir}: not a directory", file=sys.stderr)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lag_startup_"))
         workdir.mkdir(parents=True, exist_ok=True)
         out = run_race(workdir, quick=args.quick)
-    print(json.dumps({"benchmark": "job_startup", **report(out)}, indent=1))
+    emit({"benchmark": "job_startup", **report(out)})
     return 0
 
 

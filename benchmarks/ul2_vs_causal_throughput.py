@@ -11,11 +11,11 @@ full loss mask. Batch construction time is reported separately from the model st
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from json_stdout import keep_stdout_for_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-dir", default=".cache/lag_ds")
     p.add_argument("--data-vocab", type=int, default=8000)
     args = p.parse_args(argv)
+    emit = keep_stdout_for_json()  # DeepSpeed prints to stdout; the JSON alone goes there
 
     from lag_ds.data import DataConfig, Ul2BatchSource, prepare_data
     from lag_ds.model.build import build_gpt_model
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(), **results,
         "ul2_over_causal": results["ul2"]["tokens_per_s"] / results["causal"]["tokens_per_s"],
     }
-    print(json.dumps(report, indent=1))
+    emit(report)
     return report
 
 

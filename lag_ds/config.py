@@ -29,11 +29,20 @@ def load_dataclass(cls: type[T], data: dict[str, Any] | None, *, source: str = "
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:  # else a TypeError from the constructor, naming neither the file nor the key
+        raise ValueError(f"{source}: missing key(s) {missing} for {cls.__name__}")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if typing.get_origin(hints[key]) is tuple and not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: {key}={value!r} is not a list")
         sub = _dataclass_type(hints[key])
         if sub is not None and isinstance(value, dict):
             value = load_dataclass(sub, value, source=f"{source}:{key}")
+        elif sub is not None and value is not None and not isinstance(value, (sub, list, tuple)):
+            raise ValueError(f"{source}: {key}={value!r} is not a mapping (section {sub.__name__})")
         elif isinstance(value, list):
             value = tuple(value)
         elif _accepts_float(hints[key]) and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -42,16 +51,38 @@ def load_dataclass(cls: type[T], data: dict[str, Any] | None, *, source: str = "
                 value = float(value)
             except ValueError:
                 raise ValueError(f"{source}: {key}={value!r} is not a number") from None
+        _check_scalar(source, key, value, hints[key])
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_SCALARS = {int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _check_scalar(source: str, key: str, value: Any, hint: Any) -> None:
+    """An int/bool/str field must get one (``train_steps: ten`` names the key, instead of failing
+    later inside ``__post_init__`` with a comparison error that names nothing)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    kinds = [hint] if not args else [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in _SCALARS or (value is None and optional):
+        return
+    kind = kinds[0]
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{source}: {key}={value!r} is not {_SCALARS[kind]}")
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:  # one line naming the file, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot be read as YAML ({first})") from None
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return load_dataclass(cls, data, source=str(path))

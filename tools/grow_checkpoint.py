@@ -43,7 +43,9 @@ output: ZeRO-1/2 sources give DeepSpeed's universal layout (load with {"checkpoi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from lag_ds.cli import OneLineParser
+
+    p = OneLineParser(
         prog="python tools/grow_checkpoint.py",
         description="Grow an L-layer checkpoint into L+k layers with one growth operator (LAG paper, "
         "section 2.1), including the optimizer state, working directly on sharded DeepSpeed ZeRO 0/1/2 x "
@@ -80,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from lag_ds.cli import parse_or_exit_code
+
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a usage error already printed as one line
+        return args
     try:
         return _run(args)
     except ValueError as exc:
@@ -117,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             raise ValueError("--src is required")
     else:
+        _check_paths(args)
         num_layers = source_num_layers(args.src, unsafe_load=args.unsafe_load)
     plan = None
     if args.op:
@@ -145,6 +152,31 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.dst}: verified")
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Before reading a tensor: numeric options in range, no output inside the source (it would
+    change the tree being read, and a later growth of it would read the output too), and a source
+    that carries a manifest still matches it."""
+    from lag_ds.checkpoint.manifest import check_source_manifest
+
+    for flag, value in (("--target-tp", args.target_tp), ("--target-dp", args.target_dp)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.init_std is not None and not args.init_std > 0:
+        raise ValueError(f"--init-std must be > 0, got {args.init_std}")
+    if not args.src.exists():
+        raise ValueError(f"--src {args.src}: no such file or directory")
+    if args.dst is not None:
+        src = args.src.resolve()
+        roots = [src]
+        if any((src.parent / name).exists() for name in ("latest", "latest_universal")):
+            roots.append(src.parent)  # --src is a tag directory: protect its checkpoint directory
+        dst = args.dst.resolve()
+        for root in roots:
+            if dst == root or root in dst.parents:
+                raise ValueError(f"--dst {args.dst}: inside the source {root}; write elsewhere")
+    check_source_manifest(args.src)
 
 
 if __name__ == "__main__":

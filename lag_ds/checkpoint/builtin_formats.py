@@ -76,7 +76,7 @@ def _universal_tag_dir(path: Path) -> Path | None:
         return path
     pointer = path / UNIVERSAL_POINTER
     if pointer.is_file() and not (path / "latest").exists():
-        tag = pointer.read_text().strip()
+        tag = pointer.read_text(errors="replace").strip()
         if tag and "/" not in tag and (path / tag / "zero" / "optimizer_state.pt").is_file():
             return path / tag
         raise ValueError(f"{pointer}: names {tag[:40]!r}, which is not a complete universal checkpoint")
@@ -106,7 +106,7 @@ def _zero_sniff(path: Path) -> bool:
     if any(p.name.endswith("_model_states.pt") for p in path.iterdir()):
         return True
     latest = path / "latest"
-    return latest.is_file() and (path / latest.read_text().strip()).is_dir()
+    return latest.is_file() and (path / latest.read_text(errors="replace").strip()).is_dir()
 
 
 def _zero_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:

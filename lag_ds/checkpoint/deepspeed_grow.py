@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
 from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import write_manifest
@@ -46,6 +46,7 @@ from lag_ds.checkpoint.megatron_layout import (
     split_tp,
 )
 from lag_ds.checkpoint.recipes import OPTIMIZER_STATE_POLICIES, TensorKey, plan_recipes
+from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
 __all__ = ["OPTIMIZER_STATE_POLICIES", "UNIVERSAL_POINTER", "grow_deepspeed_checkpoint"]
@@ -147,9 +148,8 @@ def grow_deepspeed_checkpoint(
         rule = ckpt.rules[name]
         if rule.cat_dim is not None and shape[rule.cat_dim] % (tp * rule.num_sub_params):
             raise ValueError(f"--target-tp {tp}: {name} dimension {rule.cat_dim} (size {shape[rule.cat_dim]}) is not divisible")
-    total = sum(math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(dst.parent, total * 4 * (3 if ckpt.zero_stage else 4))
+    check_free_space(dst.parent, _estimate_bytes(ckpt, dests, tp=tp), destination=dst)
 
     universal = ckpt.zero_stage > 0
     with AtomicDirectory(dst) as tmp:
@@ -185,6 +185,16 @@ def grow_deepspeed_checkpoint(
     return manifest
 
 
+def _estimate_bytes(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: int) -> int:
+    """What the output will take on disk: universal = one file per parameter and key (fp32 +
+    two moments + step), ZeRO-0 = module + fp32 masters + moments per TP rank, plus metadata."""
+    sizes = [math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) * 4 for d in dests]
+    if ckpt.zero_stage:
+        per_param = sum(3 * stored_size(n) + stored_size(8) for n in sizes)
+        return per_param + stored_size(1 << 16) * 2
+    return tp * stored_size(sum(sizes) * 4 // tp + (1 << 16))
+
+
 def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destination], *, policy: str,
                      std: float, num_layers: int, bar: Any) -> None:
     zero_dir = tag_dir / "zero"
@@ -201,10 +211,13 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
             tensor = _value(ckpt, dest, key, policy=policy, std=std, num_layers=num_layers)
             torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
             del tensor
+            fault_point(f"deepspeed.{key}_written", folder)
         torch.save(step.clone(), folder / "step.pt")
+        fault_point("deepspeed.param_written", folder)
         bar.update(1)
     groups = [dict(g, params=[]) for g in ckpt.param_groups()]
     torch.save({**ckpt.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
+    fault_point("deepspeed.optimizer_state_written", zero_dir)
     torch.save(_metadata(ckpt, tp=1, num_layers=num_layers, module={}, universal=True),
                tag_dir / "mp_rank_00_model_states.pt")
 
@@ -241,6 +254,7 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
         meta = _metadata(ckpt, tp=tp, num_layers=num_layers, module=module, universal=False)
         meta["optimizer"] = optimizer
         torch.save(meta, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
+        fault_point("deepspeed.rank_written", tag_dir)
 
 
 def _extra_state_keys(ckpt: DeepSpeedCheckpoint, num_layers: int) -> list[str]:

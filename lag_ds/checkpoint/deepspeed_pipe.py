@@ -61,7 +61,7 @@ def resolve_pipe_dir(src: Path) -> Path | None:
         return src
     latest = src / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
+        tag = latest.read_text(errors="replace").strip()
         if tag and "/" not in tag and has_layer_files(src / tag):
             return src / tag
     return None

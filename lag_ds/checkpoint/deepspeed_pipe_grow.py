@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
-from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_pipe import PIPE_NAME, STATE_KEYS, PipeCheckpoint
 from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import write_manifest
 from lag_ds.checkpoint.megatron_layout import split_tp
 from lag_ds.checkpoint.recipes import TensorKey, TensorRecipe, plan_recipes, random_tensor
+from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
 UNIVERSAL_POINTER = "latest_universal"
@@ -93,9 +94,8 @@ def grow_pipe_checkpoint(src: Path, dst: Path, plan: GrowthPlan | None, *,
     recipes = plan_recipes(keys, plan, is_output_projection=ck.table.is_output_projection,
                            optimizer_state=optimizer_state)
     num_layers = plan.new_num_layers if plan else ck.num_layers
-    total = sum(4 * 3 * int(torch.Size(ck.full_shape(names.source(r.src))).numel()) for r in recipes)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(dst.parent, total)
+    check_free_space(dst.parent, _estimate_bytes(ck, names, recipes, dst.parent), destination=dst)
     counts = {"hard_linked_files": 0, "copied_files": 0, "written_layer_files": 0}
     with AtomicDirectory(dst) as tmp:
         tag_dir = tmp / ck.tag
@@ -129,6 +129,36 @@ def grow_pipe_checkpoint(src: Path, dst: Path, plan: GrowthPlan | None, *,
     return manifest
 
 
+def _by_layer(recipes: list[TensorRecipe]) -> dict[int, list[TensorRecipe]]:
+    by_layer: dict[int, list[TensorRecipe]] = {}
+    for r in recipes:
+        if r.dst.layer is not None:
+            by_layer.setdefault(r.dst.layer, []).append(r)
+    return by_layer
+
+
+def _estimate_bytes(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe],
+                    parent: Path) -> int:
+    """Disk the output takes: universal state (fp32 + 2 moments + step per parameter), layer files
+    that are written (new layers; all of them when hard links cannot cross filesystems), and one
+    metadata file per TP rank (about the source's size)."""
+    universal = sum(3 * stored_size(4 * int(torch.Size(ck.full_shape(names.source(r.src))).numel()))
+                    + stored_size(8) for r in recipes)
+    same_fs = os.stat(parent).st_dev == os.stat(ck.tag_dir).st_dev
+
+    def size(idx: int) -> int:
+        return sum(stored_size(ck.layer_file(idx, tp).stat().st_size) for tp in range(ck.tp))
+
+    layer_bytes = 0 if same_fs else sum(  # embedding, norm, head: links, or copies across devices
+        size(idx) for idx in ck.layer_files
+        if not ck.first_layer_index <= idx <= ck.last_layer_index)
+    for rs in _by_layer(recipes).values():
+        if not same_fs or not all(r.value == "copy" for r in rs):
+            layer_bytes += size(ck.first_layer_index + rs[0].src.layer)
+    meta = sum(stored_size(os.stat(ck.tag_dir / n).st_size) for n in ck.model_files)
+    return universal + layer_bytes + meta + stored_size(1 << 16)
+
+
 def _link(source: Path, target: Path, counts: dict[str, int]) -> None:
     try:
         os.link(source, target)
@@ -136,6 +166,7 @@ def _link(source: Path, target: Path, counts: dict[str, int]) -> None:
     except OSError:  # another filesystem: a copy is byte-identical too (counted in the manifest)
         shutil.copyfile(source, target)
         counts["copied_files"] += 1
+    fault_point("pipe.layer_linked", target.parent)
 
 
 def _layer_files(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe],
@@ -145,11 +176,7 @@ def _layer_files(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe],
         if not ck.first_layer_index <= idx <= ck.last_layer_index:
             for tp in range(ck.tp):
                 _link(ck.layer_file(idx, tp), tag_dir / ck.layer_file_name(names.index(idx), tp), counts)
-    by_layer: dict[int, list[TensorRecipe]] = {}
-    for r in recipes:
-        if r.dst.layer is not None:
-            by_layer.setdefault(r.dst.layer, []).append(r)
-    for layer, layer_recipes in sorted(by_layer.items()):
+    for layer, layer_recipes in sorted(_by_layer(recipes).items()):
         src_idx = ck.first_layer_index + layer_recipes[0].src.layer
         dst_idx = ck.first_layer_index + layer
         for tp in range(ck.tp):
@@ -170,6 +197,7 @@ def _layer_files(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe],
                     state[r.dst.name] = old.clone()
             torch.save(state, target)
             counts["written_layer_files"] += 1
+            fault_point("pipe.layer_written", tag_dir)
 
 
 def _fresh(ck: PipeCheckpoint, names: _Names, r: TensorRecipe, *, std: float,
@@ -198,9 +226,11 @@ def _universal(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe], z
                 tensor = torch.zeros(ck.full_shape(source))
             torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
         torch.save(step.clone(), folder / "step.pt")
+        fault_point("pipe.param_written", folder)
         bar.update(1)
     groups = [dict(g, params=[]) for g in ck.param_groups()]
     torch.save({**ck.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
+    fault_point("pipe.optimizer_state_written", zero_dir)
 
 
 def _model_states(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe], tag_dir: Path, *,

@@ -53,7 +53,7 @@ def resolve_tag_dir(src: Path) -> Path:
     latest = src / "latest"
     if not latest.is_file():
         raise ValueError(f"--src {src}: neither a tag directory (mp_rank_*_model_states.pt) nor has a 'latest' file")
-    tag = latest.read_text().strip()
+    tag = latest.read_text(errors="replace").strip()
     if not tag or "/" in tag or not (src / tag).is_dir():
         raise ValueError(f"{latest}: names {tag[:40]!r}, which is not a directory next to it")
     return src / tag
@@ -77,6 +77,8 @@ class DeepSpeedCheckpoint:
         files = sorted(p.name for p in self.tag_dir.iterdir())
         model_ranks = sorted(int(m.group(1)) for f in files if (m := MODEL_FILE.match(f)))
         self.tp = len(model_ranks)
+        if self.tp == 0:
+            raise ValueError(f"{self.tag_dir}: no mp_rank_XX_model_states.pt (deleted shard?)")
         if model_ranks != list(range(self.tp)):
             raise ValueError(f"{self.tag_dir}: model state files for TP ranks {model_ranks} are not 0..{self.tp - 1}")
         if any(f.startswith("layer_") for f in files):
@@ -109,6 +111,21 @@ class DeepSpeedCheckpoint:
                 self.tag_dir / f"{prefix}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", unsafe=unsafe_load
             )["optimizer_state_dict"] for d in range(self.dp)] for t in range(self.tp)]
         self._index()
+        self._check_step_agrees()
+
+    def _check_step_agrees(self) -> None:
+        """The optimizer partitions' Adam step must be the model states' step: with DP=TP=1 a
+        partition file copied from another save has nothing else to disagree with."""
+        if self.zero_stage == 0 or getattr(self, "_step", None) is None:
+            return
+        meta = self.model_states[0]
+        if "global_steps" not in meta:
+            return
+        done = int(meta["global_steps"]) - int(meta.get("skipped_steps", 0) or 0)
+        if int(self._step) != done:
+            raise ValueError(f"{self.tag_dir}: optimizer partitions are at step {int(self._step)} "
+                             f"but mp_rank_00_model_states.pt at step {done} (a shard from another "
+                             "step or run?)")
 
     def _optimizer(self, rank: int = 0) -> dict[str, Any]:
         """ZeRO-0: the torch optimizer state dict (inside the bf16 wrapper's, when there is one)."""
@@ -187,7 +204,8 @@ class DeepSpeedCheckpoint:
             for name in names_t:
                 shape = self.local_shapes[t].get(name)
                 if shape is None:
-                    raise ValueError(f"{self.tag_dir}: optimizer holds {name}, which the module does not have")
+                    raise ValueError(f"{self.tag_dir}: optimizer holds {name}, which the module "
+                                     "does not have (a shard from another run?)")
                 covered = sum(f.numel for f in frags[name])
                 if covered != math.prod(shape):
                     raise ValueError(f"{self.tag_dir}: tp={t} {name}: fragments cover {covered} of {math.prod(shape)} elements")
@@ -199,7 +217,8 @@ class DeepSpeedCheckpoint:
         assert order is not None
         missing = [n for n in self.local_shapes[0] if n not in order]
         if missing:
-            raise ValueError(f"{self.tag_dir}: module parameter {missing[0]} has no optimizer state")
+            raise ValueError(f"{self.tag_dir}: module parameter {missing[0]} has no optimizer "
+                             "state (a shard from another run?)")
         self._step = step
         return order
 

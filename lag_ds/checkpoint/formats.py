@@ -130,6 +130,13 @@ def detect_format(path: Path) -> Format:
     for fmt in formats():
         if fmt.sniff(path):
             return fmt
+    pointer = path / "latest"
+    if pointer.exists():  # the pointer is the problem, not the layout: say so
+        if not pointer.is_file():
+            raise ValueError(f"{pointer}: not a file (a checkpoint pointer names a tag directory)")
+        tag = pointer.read_text(errors="replace").strip()
+        raise ValueError(f"{pointer}: names {tag[:40]!r}, which is not a checkpoint directory "
+                         "next to it (dangling or garbage pointer)")
     names = ", ".join(f.name for f in _REGISTRY)
     raise ValueError(f"--src {path}: not a checkpoint in any known layout ({names})")
 

@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.formats import check_destination, progress_bar
 from lag_ds.checkpoint.manifest import MANIFEST_NAME, write_manifest
+from lag_ds.faults import fault_point
 from lag_ds.growth.plan import GrowthPlan, LayerSource
 
 __all__ = [
@@ -496,11 +497,16 @@ def grow_hf_checkpoint(
                 other_files.append(path)
         total_bytes = sum(entry.info.nbytes for entry in entries)
         if dst.parent.is_dir():
-            check_free_space(dst.parent, total_bytes + sum(p.stat().st_size for p in other_files))
+            shard_bytes = sum(stored_size(sum(e.info.nbytes for e in shard) + 1024 * len(shard))
+                              for shard in shards)  # + the JSON header, ~100 B per tensor
+            copied = sum(stored_size(p.stat().st_size, overhead=0) for p in other_files)
+            check_free_space(dst.parent, shard_bytes + copied + stored_size(1 << 16) * 2,
+                             destination=dst)
 
         with AtomicDirectory(dst) as tmp:
             for path in other_files:
                 shutil.copyfile(path, tmp / path.name)
+                fault_point("hf.file_copied", tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(grown_config, indent=2, sort_keys=True) + "\n")
             weight_map = _write_shards(tmp, shards, handles, factory, show_progress, src.name)
             index = {
@@ -575,4 +581,5 @@ def _write_shards(
                 bar.update(1)
             save_file(buffer, str(tmp / name), metadata={"format": "pt"})
             del buffer
+            fault_point("hf.shard_written", tmp)
     return weight_map

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lag_ds.faults import fault_point
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lag_ds.checkpoint"
 MANIFEST_VERSION = 1
@@ -49,6 +51,7 @@ def write_manifest(
     ``known_hashes`` maps a file's inode path to a hash already computed (hard-linked files from a
     verified source need not be re-read).
     """
+    fault_point("manifest.start", root)  # every data file written, no manifest yet
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(_walk(root)):
         rel = path.relative_to(root).as_posix()
@@ -62,6 +65,7 @@ def write_manifest(
     }
     tmp = root / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    fault_point("manifest.tmp_written", root)  # a complete manifest under its temporary name
     os.replace(tmp, root / MANIFEST_NAME)
     return manifest
 
@@ -97,3 +101,19 @@ def verify_manifest(root: Path) -> list[str]:
         if path.relative_to(root).as_posix() not in listed:
             problems.append(f"{path}: not in manifest")
     return problems
+
+
+def check_source_manifest(src: Path) -> None:
+    """Refuse a source whose lag_ds manifest (in ``src`` or, for a tag directory, the directory
+    above) no longer matches its files; one-line ``ValueError`` naming the first bad file.
+
+    Why: a flipped byte inside tensor data unpickles fine and would be grown silently; where a
+    manifest exists, its sha256 is the only thing that can tell."""
+    src = Path(src)
+    for root in (src, src.parent):
+        if (root / MANIFEST_NAME).is_file():
+            problems = verify_manifest(root)
+            if problems:
+                raise ValueError(f"{problems[0]} ({len(problems)} problem(s) against "
+                                 f"{root / MANIFEST_NAME}; source refused)")
+            return

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lag_ds.checkpoint.atomic import AtomicDirectory
+from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_grow import (
     OPTIMIZER_STATE_POLICIES,
     UNIVERSAL_POINTER,
@@ -35,6 +35,7 @@ from lag_ds.checkpoint.deepspeed_source import STATE_KEYS
 from lag_ds.checkpoint.manifest import read_manifest, write_manifest
 from lag_ds.checkpoint.megatron_layout import layer_name, split_layer_name
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
+from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
 ZERO3_META = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -67,6 +68,15 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
     base_hashes = {(base / rel): meta["sha256"] for rel, meta in base_manifest["files"].items()}
     known: dict[Path, str] = {}
     linked = written = 0
+    if dst.parent.is_dir():  # written files are as large as the base's file they replace
+        rules = [(zero / (d.source or layer_name(0, d.suffix)), value_rule(d),
+                  moments_rule(d, optimizer_state)) for d in dests]
+        needed = sum(stored_size((folder / f"{key}.pt").stat().st_size, overhead=0)
+                     for folder, value, moments in rules
+                     for key, rule in (("fp32", value), *((k, moments) for k in STATE_KEYS))
+                     if rule != "copy")
+        needed += stored_size((tag_dir / "mp_rank_00_model_states.pt").stat().st_size, overhead=0)
+        check_free_space(dst.parent, needed + stored_size(1 << 16), destination=dst)
     with AtomicDirectory(dst) as tmp:
         out_zero = tmp / tag_dir.name / "zero"
         out_zero.mkdir(parents=True)
@@ -82,6 +92,7 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
                     os.link(source / f"{key}.pt", target)
                     known[target] = base_hashes[source / f"{key}.pt"]
                     linked += 1
+                    fault_point("links.file_linked", folder)
                     continue
                 if template is None:
                     template = load_checkpoint_file(source / "fp32.pt")
@@ -91,6 +102,7 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
                          if key == "fp32" else torch.zeros(shape))
                 torch.save({"param": value, **meta}, target)
                 written += 1
+                fault_point("links.file_written", folder)
             os.link(source / "step.pt", folder / "step.pt")
             known[folder / "step.pt"] = base_hashes[source / "step.pt"]
         os.link(zero / "optimizer_state.pt", out_zero / "optimizer_state.pt")

@@ -53,7 +53,9 @@ Re-running the same command resumes (finished candidates are not rerun; the winn
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lag_ds.stacking", epilog=EPILOG,
+    from lag_ds.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m lag_ds.stacking", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Landscape-Aware Growing: grow a base checkpoint with every operator of a "
                                 "design space, train each candidate k steps concurrently through the deepspeed "
@@ -74,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    from lag_ds.cli import parse_or_exit_code
+
+    parsed = parse_or_exit_code(build_parser(), argv)
+    if isinstance(parsed, int):  # --help, or a usage error already printed as one line
+        return parsed
+    args = vars(parsed)
     args["train_overrides"] = tuple(args["train_overrides"])
     try:
         cfg = LagRunConfig(**args)
         from lag_ds.stacking.lag_run import run_lag
+        from lag_ds.stacking.preflight import check_lag_run
+
+        check_lag_run(cfg)  # nothing written, no job started, before this passes
 
         run_lag(cfg)
     except ValueError as exc:

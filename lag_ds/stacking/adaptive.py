@@ -188,7 +188,9 @@ def side_by_side(results: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from lag_ds.cli import OneLineParser
+
+    p = OneLineParser(
         prog="python -m lag_ds.stacking.adaptive", description=__doc__.split("\n\n")[0],
         epilog=__doc__[__doc__.index("Example::"):].replace("Example::", "examples:"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from lag_ds.cli import parse_or_exit_code
+
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a usage error already printed as one line
+        return args
     try:
         schedule = load_schedule(args.schedule)
         plans = plan_schedule(schedule, where=args.schedule)

@@ -10,6 +10,14 @@ Why not DeepSpeed's ``save_latest``: it rewrites ``latest`` in place. We save wi
 ``save_latest=False``, wait for every rank, then rank 0 replaces ``latest`` via temp file + fsync +
 rename (RELIABILITY.md #3), and only then deletes checkpoints beyond ``keep`` (#10).
 A ``latest`` naming a missing or incomplete directory is an error, never a silent fresh start.
+
+Disk full (#9): before DeepSpeed writes anything every rank checks the free space against an
+estimate of the whole checkpoint (``checkpoint_bytes``) and all ranks agree, so a full disk stops
+every rank with the same one-line :class:`DiskFullError` (the trainer exits 2). If the disk still
+fills during the write (another writer), the half-written ``global_step<N>`` directory is removed
+and the same error raised; ``latest`` and the checkpoint it names are never touched. Limitation:
+with several ranks, a rank that hits ENOSPC mid-write raises while its peers wait in DeepSpeed's
+own closing barrier; the launcher's no-progress supervisor stops them.
 """
 
 from __future__ import annotations
@@ -19,9 +27,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lag_ds.atomic_io import atomic_write_text
+from lag_ds.checkpoint.atomic import (
+    DiskFullError,
+    check_free_space,
+    disk_full_error,
+    is_disk_full,
+    stored_size,
+)
+from lag_ds.faults import fault_point
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
@@ -79,15 +96,80 @@ def write_pointer(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def checkpoint_bytes(engine: Any) -> int:
+    """Estimated size of one DeepSpeed checkpoint of ``engine``, all ranks together.
+
+    Per parameter element: the module's copy (its dtype) + fp32 master + two Adam moments (12 B),
+    whether ZeRO partitions them over DP ranks or not; the module is split over TP ranks; plus
+    the ``torch.save`` container of each rank's files."""
+    from megatron.core import parallel_state as ps
+
+    local = sum(p.numel() * (p.element_size() + 12) for p in engine.module.parameters())
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    return tp * local + dist.get_world_size() * 2 * stored_size(1 << 16)
+
+
+def _all_ranks(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (NCCL reduces only device tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _check_space_everywhere(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Every rank checks; if any refuses, all raise (no rank is left waiting in a barrier)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    refusal = None
+    try:
+        check_free_space(ckpt_dir, checkpoint_bytes(engine), destination=ckpt_dir / tag)
+    except DiskFullError as exc:
+        refusal = exc
+    everyone_ok = _all_ranks(refusal is None)
+    if refusal is not None:
+        raise refusal
+    if not everyone_ok:
+        raise DiskFullError(f"not enough free space for {ckpt_dir / tag} on another rank's disk")
+
+
+def _discard(ckpt_dir: Path, tag: str) -> None:
+    """Remove a half-written tag directory (never the one ``latest`` names)."""
+    pointer = ckpt_dir / "latest"
+    if pointer.is_file() and pointer.read_text().strip() == tag:
+        return
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
 def save(engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int) -> Path:
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    _check_space_everywhere(engine, ckpt_dir, tag)
+    fault_point("train.save_checked", ckpt_dir / tag)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as exc:
+        if not is_disk_full(exc, ckpt_dir):
+            raise
+        _discard(ckpt_dir, tag)
+        raise disk_full_error(exc, ckpt_dir, writing=ckpt_dir / tag) from exc
     dist.barrier()
+    fault_point("train.saved", ckpt_dir / tag)
+    failure = None
     if dist.get_rank() == 0:
-        write_pointer(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep=keep, protect=tag)
-    dist.barrier()
+        try:
+            write_pointer(ckpt_dir / "latest", tag)
+        except OSError as exc:
+            if not is_disk_full(exc, ckpt_dir):
+                raise
+            _discard(ckpt_dir, tag)  # complete but unnamed: give its space back
+            failure = disk_full_error(exc, ckpt_dir, writing=ckpt_dir / "latest")
+        else:
+            _prune(ckpt_dir, keep=keep, protect=tag)
+    everyone_ok = _all_ranks(failure is None)  # doubles as the closing barrier
+    if failure is not None:
+        raise failure
+    if not everyone_ok:
+        raise DiskFullError(f"disk full while writing {ckpt_dir / 'latest'} (on rank 0)")
     return ckpt_dir / tag
 
 

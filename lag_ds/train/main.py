@@ -12,8 +12,11 @@ EXAMPLE = """examples:
 """
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    """The arguments, or the exit code of ``--help`` (0) / a usage error (2, one line printed)."""
+    from lag_ds.cli import OneLineParser, parse_or_exit_code
+
+    p = OneLineParser(
         prog="python -m lag_ds.train",
         description="UL2 pretraining of a megatron-core GPT model with the DeepSpeed engine. "
         "Resumes from RUN_DIR/checkpoints/latest when present.",
@@ -24,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a config key, dotted for sections (e.g. optim.lr=3e-4); repeatable")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    return parse_or_exit_code(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     register_stack_dump()
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     import os
 
     from lag_ds.toolchain import pin_ninja
@@ -54,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+
+    from lag_ds.train.preflight import preflight
+
+    try:  # before distributed, data and DeepSpeed: a bad checkpoint is one line, not a traceback
+        preflight(cfg)
+    except ValueError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
 
     from lag_ds.train.distributed import shutdown_distributed
     from lag_ds.train.loop import EXIT_NON_FINITE, NonFiniteLoss, train
