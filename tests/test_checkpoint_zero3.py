@@ -11,6 +11,7 @@ through the CLI's ``main`` in-process (one ``error:`` line, exit 2, no destinati
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from test_checkpoint_deepspeed import _train, _val_at, dump, expected_source, tr
 from lag_ds.checkpoint.formats import CheckpointReader, open_checkpoint, read_checkpoint_info
 from lag_ds.checkpoint.universal_links import materialise_candidate
 from lag_ds.growth import parse_operator, plan_growth
+from lag_ds.train.preflight import preflight
 
 STEPS = 3
 DUP = "k=2,i0=0,b=1,init=duplicate"  # [0, 0*, 1, 1*]
@@ -134,6 +136,8 @@ def test_zero_init_candidate_keeps_the_validation_loss_under_zero3(z3):
     assert grown_val == pytest.approx(base_val, rel=1e-5, abs=1e-5)
     saved = read_checkpoint_info(run / "checkpoints")  # the trainer saves native ZeRO-3 again
     assert (saved.format, saved.num_layers, saved.step) == ("deepspeed-zero3", 4, STEPS + 1)
+    cfg = dataclasses.replace(_config(root), run_dir=str(run), num_layers=4)
+    assert preflight(cfg) == f"resume {run / 'checkpoints' / f'global_step{STEPS + 1}'}"
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -145,6 +149,26 @@ def _fails(capsys, argv: list[str], dst: Path, *needles: str) -> None:
     for needle in needles:
         assert needle in err[0], err[0]
     assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}.partial-*"))
+
+
+def _config(root: Path):
+    from lag_ds.config import load_yaml
+    from lag_ds.train.config import TrainConfig
+
+    return load_yaml(TrainConfig, root / "tiny.yaml")
+
+
+def test_trainer_preflight_validates_a_zero3_resume(z3, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(z3["run"] / "checkpoints", run / "checkpoints")
+    cfg = dataclasses.replace(_config(z3["root"]), run_dir=str(run))
+    assert preflight(cfg).startswith("resume ")
+    with pytest.raises(ValueError, match="tensor_parallel=2"):
+        preflight(dataclasses.replace(cfg, tensor_parallel=2))
+    tag = run / "checkpoints" / f"global_step{STEPS}"
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ValueError, match=r"missing dp rank\(s\) \[1\]"):
+        preflight(cfg)
 
 
 def test_bad_inputs_fail_in_one_line(z3, tmp_path, capsys):
