@@ -234,3 +234,22 @@ def test_bf16_zero3_grows_and_keeps_the_validation_loss_at_another_dp(z3):
     grown = _train(root, "bf16_z3_grown", f"ds_config={ds}", f"init_from={dst}", "num_layers=4",
                    f"train_steps={STEPS + 1}")
     assert _val_at(grown, STEPS) == pytest.approx(_val_at(run, STEPS), rel=1e-5, abs=1e-5)
+
+
+def test_sigkill_mid_write_leaves_no_destination_and_rerun_succeeds(z3, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import deepspeed_env
+
+    dst = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "tools/grow_checkpoint.py"), "--src", str(z3["src"]),
+           "--dst", str(dst), "--op", DUP, "--no-progress"]
+    env = dict(deepspeed_env(), LAG_DS_FAULT_POINT="zero3.param_written:5")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL after the 5th parameter
+    assert not dst.exists() and list(tmp_path.glob(".out.partial-*"))
+    assert tree_digest(z3["src"]) == z3["before"]
+    assert _cli()(["--src", str(z3["src"]), "--dst", str(dst), "--op", DUP, "--no-progress",
+                   "--verify"]) == 0
+    assert not list(tmp_path.glob(".out.partial-*"))  # the killed run's leftovers are gone

@@ -279,6 +279,7 @@ def grow_zero3_checkpoint(
     from lag_ds.checkpoint.formats import check_destination, progress_bar
     from lag_ds.checkpoint.manifest import write_manifest
     from lag_ds.checkpoint.megatron_layout import layer_name
+    from lag_ds.faults import fault_point
 
     if optimizer_state not in OPTIMIZER_STATE_POLICIES:
         raise ValueError(f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, "
@@ -308,6 +309,7 @@ def grow_zero3_checkpoint(
                 torch.save({"param": tensor.contiguous(), "cat_dim": 0}, folder / f"{key}.pt")
                 del tensor
             torch.save(torch.tensor(ck.step), folder / "step.pt")
+            fault_point("zero3.param_written", folder)  # tests kill the write here (lag_ds.faults)
             bar.update(1)
         bar.close()
         groups = [dict(g, params=[]) for g in ck.param_groups()]
@@ -318,6 +320,7 @@ def grow_zero3_checkpoint(
                     "optimizer_state_dict": {"state": {0: {"step": torch.tensor(ck.step)}},
                                              "param_groups": groups}},
                    zero_dir / "optimizer_state.pt")
+        fault_point("zero3.optimizer_state_written", zero_dir)
         meta = _metadata(ck, tp=1, num_layers=new_layers, module={}, universal=True)
         torch.save(meta, tag_dir / "mp_rank_00_model_states.pt")  # stage 1/2 and lag_ds readers
         torch.save(meta, tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")  # stage 3
