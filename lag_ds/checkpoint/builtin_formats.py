@@ -8,6 +8,7 @@ one module with a reader and a grower, plus its layer table and one ``register``
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
 
 from lag_ds.checkpoint.formats import CheckpointInfo, Format, register
@@ -188,4 +189,12 @@ register(Format("deepspeed-pipe", _pipe_sniff, _pipe_info, _pipe_grow,
 register(Format("deepspeed-universal", lambda p: _universal_tag_dir(p) is not None, _universal_info,
                 None, frozenset(),
                 why_not="grow the native checkpoint, or use materialise_candidate on a universal base"))
+# ZeRO-3 (zero_pp_rank_*_model_states.pt) before ZeRO 0/1/2: their sniff matches *_model_states.pt.
+_z3 = "lag_ds.checkpoint.deepspeed_zero3"
+register(Format("deepspeed-zero3", lambda p: import_module(_z3).sniff(p),
+                lambda p, **kw: import_module(_z3).info(p, **kw),
+                lambda *a, **kw: import_module(_z3).grow_zero3_checkpoint(*a, **kw),
+                frozenset({"target_dp", "optimizer_state", "init_std", "unsafe_load"}),
+                why_not="ZeRO-3 output is TP=1 (universal layout, loads at any DP)",
+                open=lambda p, **kw: import_module(_z3).open_reader(p, **kw)))
 register(Format("deepspeed", _zero_sniff, _zero_info, _zero_grow, _DS_OPTIONS, open=_zero_open))

@@ -2,9 +2,9 @@
 
 The format is sniffed through the registry (:mod:`lag_ds.checkpoint.formats`; built-in layouts in
 :mod:`lag_ds.checkpoint.builtin_formats`): Hugging Face safetensors, DeepSpeed pipeline layer
-files, DeepSpeed ZeRO 0/1/2 x TP of a megatron-core GPTModel. Every grower executes the same
-:class:`~lag_ds.growth.GrowthPlan` through :mod:`lag_ds.checkpoint.recipes`. Options the format
-cannot honour are errors naming the option, never dropped.
+files, DeepSpeed ZeRO 0/1/2 x TP and ZeRO-3 (TP=1) of a megatron-core GPTModel. Every grower
+executes the same :class:`~lag_ds.growth.GrowthPlan` through :mod:`lag_ds.checkpoint.recipes`.
+Options the format cannot honour are errors naming the option, never dropped.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ from lag_ds.checkpoint.safe_load import load_checkpoint_file
 from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
+ZERO3_META = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
 
 def universal_tag_dir(root: Path) -> Path:
     pointer = Path(root) / UNIVERSAL_POINTER
@@ -109,6 +111,8 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
         if "num_layers" in meta:
             meta["num_layers"] = plan.new_num_layers
         torch.save(meta, out_zero.parent / "mp_rank_00_model_states.pt")
+        if (tag_dir / ZERO3_META).is_file():  # a ZeRO-3 base: stage 3 reads only this name
+            torch.save(meta, out_zero.parent / ZERO3_META)
         (tmp / UNIVERSAL_POINTER).write_text(tag_dir.name)
         manifest = write_manifest(
             tmp, kind="deepspeed-universal", known_hashes=known,

@@ -232,7 +232,7 @@ def open_reader(checkpoint: Path, *, unsafe_load: bool = False) -> tuple[Any, An
     if info.family != "megatron-core-gpt":
         raise ValueError(f"{checkpoint}: a {info.format} checkpoint of a {info.family} model is "
                          f"not a lag_ds model (megatron-core GPT); cannot export it")
-    if info.format == "deepspeed":
+    if info.format in ("deepspeed", "deepspeed-zero3"):  # readers yield full fp32 tensors
         return info, open_checkpoint(checkpoint, unsafe_load=unsafe_load)
     if info.format == "deepspeed-universal":
         return info, UniversalReader(info.path, unsafe_load=unsafe_load)
@@ -342,7 +342,9 @@ def _checkpoint_preset(info: Any, unsafe_load: bool) -> str | None:
     """The trainer's client state records ``preset``; grown/universal checkpoints keep it."""
     from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
-    meta = load_checkpoint_file(Path(info.path) / "mp_rank_00_model_states.pt", unsafe=unsafe_load)
+    name = ("zero_pp_rank_0_mp_rank_00_model_states.pt" if info.format == "deepspeed-zero3"
+            else "mp_rank_00_model_states.pt")
+    meta = load_checkpoint_file(Path(info.path) / name, unsafe=unsafe_load)
     preset = meta.get("preset") if isinstance(meta, dict) else None
     return preset if isinstance(preset, str) else None
 

@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from lag_ds.atomic_io import atomic_write_text
-from lag_ds.checkpoint.deepspeed_grow import grow_deepspeed_checkpoint
 from lag_ds.checkpoint.formats import read_checkpoint_info
+from lag_ds.checkpoint.grow import grow_checkpoint  # any registered format (ZeRO 1/2/3)
 from lag_ds.checkpoint.manifest import MANIFEST_NAME
 from lag_ds.checkpoint.universal_links import disk_usage, materialise_candidate
 from lag_ds.config import to_dict
@@ -177,12 +177,12 @@ def read_base(base: Path) -> tuple[int, int]:
     """(global step, number of layers) of a base checkpoint that a stage can grow, asked of the
     checkpoint formats' registry (no tensor is read)."""
     info = read_checkpoint_info(base)
-    if info.format != "deepspeed" or info.family != "megatron-core-gpt":
+    if info.format not in ("deepspeed", "deepspeed-zero3") or info.family != "megatron-core-gpt":
         raise ValueError(f"{base}: a LAG stage grows lag_ds's own DeepSpeed checkpoints of a "
                          f"megatron-core GPT (found {info.format}, {info.family}); convert others "
                          "with tools/grow_checkpoint.py first")
     if info.zero_stage == 0:
-        raise ValueError(f"{base}: LAG candidates need a ZeRO-1/2 base (universal layout); "
+        raise ValueError(f"{base}: LAG candidates need a ZeRO-1/2/3 base (universal layout); "
                          "this one is ZeRO-0")
     return info.step, info.num_layers
 
@@ -196,7 +196,7 @@ def prepare(spec: StageSpec) -> Prepared:
         op.validate(num_layers)
     base_universal = spec.out_dir / "base_universal"
     if not _complete(base_universal):
-        grow_deepspeed_checkpoint(spec.base, base_universal, None, show_progress=False)
+        grow_checkpoint(spec.base, base_universal, None, show_progress=False)
     for op in ops:
         init = cand_dir(spec, op.name) / "init"
         if not _complete(init):
@@ -305,9 +305,8 @@ def promote(spec: StageSpec, prepared: Prepared, result: RaceResult, selection: 
         tp = spec.train.tensor_parallel
         if not _complete(promoted_init):
             promoted_init.parent.mkdir(parents=True, exist_ok=True)
-            grow_deepspeed_checkpoint(winner_ckpt, promoted_init, None,
-                                      target_dp=launch.allocation.num_slots // tp,
-                                      show_progress=False)
+            grow_checkpoint(winner_ckpt, promoted_init, None,
+                            target_dp=launch.allocation.num_slots // tp, show_progress=False)
         run_dir = spec.out_dir / "promoted" / "run"
         job = train_job(spec.train, "promoted", run_dir, total_steps=spec.total_steps,
                         init_from=str(promoted_init.resolve()), num_layers=prepared.grown_layers,

@@ -56,7 +56,9 @@ def read_latest(ckpt_dir: Path) -> str | None:
     if not TAG_PATTERN.match(tag):
         raise ValueError(f"{pointer}: garbage checkpoint pointer {tag[:40]!r} (expected global_step<N>)")
     target = pointer.parent / tag
-    if not any(target.glob("mp_rank_*_model_states.pt")):
+    # ZeRO-3 names its model-state files zero_pp_rank_<dp>_mp_rank_<tp>_model_states.pt.
+    if not any(target.glob("mp_rank_*_model_states.pt")) and \
+            not any(target.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
         raise ValueError(f"{pointer}: dangling pointer, {target} has no mp_rank_*_model_states.pt")
     return tag
 

@@ -52,7 +52,8 @@ def load_ds_config(cfg: TrainConfig, *, load_universal: bool = False) -> dict[st
     ds.setdefault("checkpoint", {})["use_node_local_storage"] = False
     if load_universal:
         if zero_stage(ds) == 0:
-            raise ValueError(f"{path}: a universal checkpoint (from ZeRO-1/2) needs ZeRO stage 1 or 2 to load")
+            raise ValueError(f"{path}: a universal checkpoint (from ZeRO-1/2/3) needs ZeRO "
+                             "stage 1, 2 or 3 to load")
         ds["checkpoint"]["load_universal"] = True
     return ds
 

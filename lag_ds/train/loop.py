@@ -115,7 +115,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                                      num_samples=cfg.eval_samples, batch_size=cfg.micro_batch_size,
                                      seed=cfg.data_seed)
     if rank == 0:
-        n = sum(p.numel() for p in model.parameters()) * ps.get_tensor_model_parallel_world_size()
+        # ZeRO-3 leaves empty placeholders in the module; ds_numel is the full size.
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        n *= ps.get_tensor_model_parallel_world_size()
         origin = "resumed" if resumed else "init_from" if cfg.init_from else "scratch"
         say(f"{model_cfg.num_layers} layers, ~{n:,} params, vocab {vocab}, DP={dp_size} "
             f"TP={ps.get_tensor_model_parallel_world_size()} "

@@ -117,6 +117,8 @@ def _check_tag(tag_dir: Path, cfg: TrainConfig, *, layers: int, what: str,
     for path in sorted(tag_dir.rglob("*.pt")):
         check_pickle_globals(path)
     if native:
+        native = not _check_zero3(tag_dir, cfg, what=what)
+    if native:
         names = [p.name for p in tag_dir.iterdir()]
         model = sorted(int(m.group(1)) for n in names if (m := MODEL_FILE.match(n)))
         meta = load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt")
@@ -142,3 +144,18 @@ def _check_tag(tag_dir: Path, cfg: TrainConfig, *, layers: int, what: str,
     if found != layers:
         raise ValueError(f"{what}: checkpoint has {found} layers but the run builds {layers} "
                          f"(set num_layers={found})")
+
+
+def _check_zero3(tag_dir: Path, cfg: TrainConfig, *, what: str) -> bool:
+    """ZeRO-3 names its model states ``zero_pp_rank_<d>_mp_rank_00_model_states.pt``: its reader
+    validates the shard set (one model and one optimizer file per DP rank, stage, partitions).
+    False when ``tag_dir`` is not a ZeRO-3 save."""
+    from lag_ds.checkpoint.deepspeed_zero3 import Zero3Checkpoint, zero3_tag_dir
+
+    if zero3_tag_dir(tag_dir) != tag_dir:
+        return False
+    Zero3Checkpoint(tag_dir)
+    if cfg.tensor_parallel != 1:
+        raise ValueError(f"{what}: a ZeRO-3 checkpoint (tensor parallel degree 1), the config says "
+                         f"tensor_parallel={cfg.tensor_parallel}")
+    return True
