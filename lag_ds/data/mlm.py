@@ -95,7 +95,8 @@ def mask_example(raw: np.ndarray, specials: MlmSpecials, rng: np.random.Generato
     chosen = 1 + rng.choice(n, size=num, replace=False)
     u = rng.random(num)
     kind = np.zeros(n + 2, dtype=np.int64)
-    to_mask, to_random = u < REPLACE_PROBS[0], (u >= REPLACE_PROBS[0]) & (u < sum(REPLACE_PROBS[:2]))
+    to_mask = u < REPLACE_PROBS[0]
+    to_random = (u >= REPLACE_PROBS[0]) & (u < sum(REPLACE_PROBS[:2]))
     tokens[chosen[to_mask]] = specials.mask
     tokens[chosen[to_random]] = rng.integers(specials.first_ordinary, specials.num_ordinary_end,
                                              size=int(to_random.sum()))
