@@ -226,7 +226,7 @@ def test_zero_growth_preserves_the_validation_loss(bert_runs):
     """Zero init (output projections and their biases zeroed) is function preserving for the
     pre-LN BertModel: the candidate's validation loss at the growth step is the base's."""
     dst = bert_runs["root"] / "grown_zero"
-    _grow(bert_runs["straight"] / "checkpoints", dst, "k=2,i0=1,b=1,init=zero")
+    _grow(bert_runs["straight"] / "checkpoints", dst, "k=2,i0=0,b=1,init=zero")
     cand = bert_runs["root"] / "cand"
     _trainer(bert_runs["config"], cand, f"init_from={dst}", "num_layers=4",
              f"train_steps={STEPS + 1}", f"growth_step={STEPS}")
