@@ -1,4 +1,7 @@
-"""The training loop: UL2 batches -> DeepSpeed engine -> metrics, validation, checkpoints.
+"""The training loop: the family's batches -> DeepSpeed engine -> metrics, validation, checkpoints.
+
+The model, its batches, loss and validation come from ``cfg.family`` (:mod:`lag_ds.families`:
+GPT + UL2 by default, BERT + masked LM); everything below is family-agnostic.
 
 One function, readable top to bottom (nanoGPT style). What makes it fit for LAG:
 
