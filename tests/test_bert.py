@@ -74,6 +74,16 @@ def test_family_registry_and_default():
     assert BERT.layer_table == "megatron-core-bert"
 
 
+@pytest.mark.parametrize("name", ["bert_tiny_base", "bert_base", "bert_large"])
+def test_bert_configs_load_and_name_their_family(name):
+    from lag_ds.config import load_yaml
+    from lag_ds.train.config import TrainConfig
+
+    cfg = load_yaml(TrainConfig, REPO / f"launch_scripts/configs/{name}.yaml")
+    assert cfg.family == "bert-mlm" and family_of_preset(cfg.preset) == "bert-mlm"
+    assert (REPO / cfg.ds_config).is_file()
+
+
 # ----------------------------------------------------------------------------- masking
 SPECIALS = MlmSpecials(cls=1000, sep=1001, mask=1002, first_ordinary=4, num_ordinary_end=1000)
 

@@ -185,7 +185,7 @@ class BertMlmFamily:
 FAMILY = BertMlmFamily()
 
 
-if __name__ == "__main__":  # python -m lag_ds.family.bert_mlm bert-base [num_layers]
+if __name__ == "__main__":  # python -m lag_ds.families.bert_mlm bert-base [num_layers]
     cfg = FAMILY.get_preset(sys.argv[1] if len(sys.argv) > 1 else "bert-base")
     if len(sys.argv) > 2:
         cfg = cfg.with_layers(int(sys.argv[2]))
