@@ -12,7 +12,7 @@ from importlib import import_module
 from pathlib import Path
 
 from lag_ds.checkpoint.formats import CheckpointInfo, Format, register
-from lag_ds.checkpoint.layer_tables import TABLES, family_of_layer_keys
+from lag_ds.checkpoint.layer_tables import family_of_layer_keys, megatron_core_table
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
 UNIVERSAL_POINTER = "latest_universal"
@@ -91,8 +91,8 @@ def _universal_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:
     if has_layer_files(tag_dir):
         num_layers, family = _pipe_layer_count(tag_dir, unsafe_load=unsafe_load)
     else:
-        table = TABLES["megatron-core-gpt"]
         names = [p.name for p in (tag_dir / "zero").iterdir() if p.is_dir()]
+        table = megatron_core_table(names)
         num_layers = len({s[0] for n in names if (s := table.split_layer_name(n))})
         family = table.family
     return CheckpointInfo("deepspeed-universal", tag_dir, num_layers,
@@ -114,8 +114,8 @@ def _zero_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:
 
     tag_dir = resolve_tag_dir(path)
     meta = load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt", unsafe=unsafe_load)
-    table = TABLES["megatron-core-gpt"]
     module = meta.get("module") or {}
+    table = megatron_core_table(module)
     num_layers = len({s[0] for n in module if (s := table.split_layer_name(n))})
     if num_layers == 0:
         raise ValueError(f"{tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)")

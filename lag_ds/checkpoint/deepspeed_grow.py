@@ -37,12 +37,11 @@ import torch
 from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS, DeepSpeedCheckpoint
 from lag_ds.checkpoint.formats import check_destination, progress_bar
+from lag_ds.checkpoint.layer_tables import LayerTable, megatron_core_table
 from lag_ds.checkpoint.manifest import BackgroundHasher, write_manifest
 from lag_ds.checkpoint.megatron_layout import (
     OUTPUT_PROJECTION_SUFFIXES,
-    layer_name,
     random_layer_param,
-    split_layer_name,
     split_tp,
 )
 from lag_ds.checkpoint.recipes import OPTIMIZER_STATE_POLICIES, TensorKey, plan_recipes
@@ -66,7 +65,7 @@ class Destination:
 
 
 def plan_destinations(param_names: list[str], num_layers: int, plan: GrowthPlan | None, *,
-                      where: str = "checkpoint") -> list[Destination]:
+                      where: str = "checkpoint", table: LayerTable | None = None) -> list[Destination]:
     """The grown model's parameters, in module order (embeddings, layers 0..L+k-1, final norm, head).
 
     The plan is executed by :func:`lag_ds.checkpoint.recipes.plan_recipes` (the one executor every
@@ -75,6 +74,8 @@ def plan_destinations(param_names: list[str], num_layers: int, plan: GrowthPlan 
         return [Destination(n, n, False) for n in param_names]
     if plan.old_num_layers != num_layers:
         raise ValueError(f"--op is planned for {plan.old_num_layers} layers but {where} has {num_layers}")
+    table = table or megatron_core_table(param_names)  # decoder (GPT) or encoder (BERT) layers
+    split_layer_name, layer_name = table.split_layer_name, table.layer_name
     keys = [TensorKey(*split) if (split := split_layer_name(n)) else TensorKey(None, n)
             for n in param_names]
     recipes = plan_recipes(keys, plan, is_output_projection=lambda s: s in OUTPUT_PROJECTION_SUFFIXES)
@@ -114,7 +115,7 @@ def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: st
     One key at a time keeps peak memory at about one full tensor (plus its TP shards): a 256k x
     2048 embedding's value and two moments are 6 GB together, 2 GB apart.
     """
-    shape = ckpt.full_shapes[dest.source or layer_name(0, dest.suffix)]
+    shape = ckpt.full_shapes[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
     rule = value_rule(dest) if key == "fp32" else moments_rule(dest, policy)
     if rule == "copy":
         return ckpt.full_value(dest.source, key)
@@ -142,7 +143,8 @@ def grow_deepspeed_checkpoint(
     dp = target_dp or ckpt.dp
     if tp < 1 or dp < 1:
         raise ValueError(f"--target-tp/--target-dp must be >= 1 (got {tp}, {dp})")
-    dests = plan_destinations(ckpt.param_names, ckpt.num_layers, plan, where=str(ckpt.tag_dir))
+    dests = plan_destinations(ckpt.param_names, ckpt.num_layers, plan, where=str(ckpt.tag_dir),
+                              table=ckpt.layer_table)
     new_layers = plan.new_num_layers if plan else ckpt.num_layers
     for name, shape in ckpt.full_shapes.items():  # every split dimension must divide by the target TP
         rule = ckpt.rules[name]
@@ -189,6 +191,7 @@ def grow_deepspeed_checkpoint(
 def _estimate_bytes(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: int) -> int:
     """What the output will take on disk: universal = one file per parameter and key (fp32 +
     two moments + step), ZeRO-0 = module + fp32 masters + moments per TP rank, plus metadata."""
+    layer_name = ckpt.layer_table.layer_name
     sizes = [math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) * 4 for d in dests]
     if ckpt.zero_stage:
         per_param = sum(3 * stored_size(n) + stored_size(8) for n in sizes)
@@ -204,7 +207,7 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
     zero_dir.mkdir()
     step = torch.tensor(ckpt.step)
     for dest in dests:
-        rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+        rule = ckpt.rules[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
         folder = zero_dir / dest.name
         folder.mkdir()
         meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
@@ -235,7 +238,7 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
         state: dict[int, dict[str, Any]] = {}
         for index, dest in enumerate(dests):
             values = _values(ckpt, dest, policy=policy, std=std, num_layers=num_layers)
-            rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+            rule = ckpt.rules[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
             shard = {k: split_tp(v, rule, tp, rank).clone() for k, v in values.items()}
             module[dest.name] = shard["fp32"]
             state[index] = {"step": torch.tensor(ckpt.step), **{k: shard[k] for k in STATE_KEYS}}
@@ -264,6 +267,7 @@ def _write_stage0(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destinat
 
 def _extra_state_keys(ckpt: DeepSpeedCheckpoint, num_layers: int) -> list[str]:
     keys = []
+    split_layer_name, layer_name = ckpt.layer_table.split_layer_name, ckpt.layer_table.layer_name
     layer_suffixes = [s[1] for k in ckpt.extra_state_keys if (s := split_layer_name(k)) and s[0] == 0]
     for key in ckpt.extra_state_keys:
         if split_layer_name(key) is None:

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from lag_ds.checkpoint.gather import gather_full
+from lag_ds.checkpoint.layer_tables import megatron_core_table
 from lag_ds.checkpoint.megatron_layout import (
     TpRule,
     detect_glu,
     merge_tp,
-    split_layer_name,
     tp_rule,
 )
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
@@ -158,12 +158,17 @@ class DeepSpeedCheckpoint:
         else:
             self.param_names = self._zero_param_names()
         self.full_shapes = {n: self._full_shape(n) for n in self.param_names}
+        # GPTModel (decoder.layers) or BertModel (encoder.layers): the names say which
+        self.layer_table = megatron_core_table(self.param_names)
+        split_layer_name = self.layer_table.split_layer_name
         layers = sorted({s[0] for n in self.param_names if (s := split_layer_name(n))})
         if layers != list(range(len(layers))):
             raise ValueError(f"{self.tag_dir}: layer indices {layers} are not contiguous from 0")
         self.num_layers = len(layers)
         if self.num_layers == 0:
-            raise ValueError(f"{self.tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)")
+            raise ValueError(f"{self.tag_dir}: no decoder.layers.* parameters (not a megatron-core GPTModel?)"
+                             if self.layer_table.family == "megatron-core-gpt" else
+                             f"{self.tag_dir}: no encoder.layers.* parameters")
 
     def _stage0_param_names(self, names: list[str]) -> list[str]:
         groups = self._optimizer().get("param_groups")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from lag_ds.checkpoint.megatron_layout import TpRule
 
-__all__ = ["LayerTable", "TABLES", "family_of_layer_keys"]
+__all__ = ["LayerTable", "TABLES", "family_of_layer_keys", "megatron_core_table"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,9 +157,27 @@ _HF_GPT2 = LayerTable(
     head=r"^lm_head\.weight$",
 )
 
+# megatron-core BertModel (lag_ds.families.bert_mlm): the GPT layer suffixes under ``encoder``;
+# the head is lm_head (dense + LayerNorm, replicated) and a vocabulary-split output bias.
+_MEGATRON_CORE_BERT = LayerTable(
+    family="megatron-core-bert",
+    layer_template="encoder.layers.{layer}.{suffix}",
+    signature=_MEGATRON_CORE.signature,
+    output_projections=_MEGATRON_CORE.output_projections,
+    column_parallel=(r"(^embedding\.word_embeddings\.weight$|^output_layer\.(weight|bias)$|"
+                     r"\.linear_qkv\.(weight|bias)$|\.linear_fc1\.(weight|bias)$|"
+                     r"^(self_attention\.linear_qkv|mlp\.linear_fc1)\.(weight|bias)$)"),
+    row_parallel_weights=_MEGATRON_CORE.row_parallel_weights,
+    embedding=_MEGATRON_CORE.embedding,
+    final_norm=r"^encoder\.final_layernorm\.",
+    head=r"^(output_layer\.(weight|bias)|lm_head\.)",
+)
+
 TABLES: dict[str, LayerTable] = {
-    t.family: t for t in (_MEGATRON_CORE, _MEGATRON_DS_PIPE, _NEOX_PIPE, _HF_LLAMA, _HF_GPT2)
+    t.family: t for t in (_MEGATRON_CORE, _MEGATRON_DS_PIPE, _NEOX_PIPE, _HF_LLAMA, _HF_GPT2,
+                          _MEGATRON_CORE_BERT)
 }
+MEGATRON_CORE_FAMILIES = ("megatron-core-gpt", "megatron-core-bert")
 PIPE_FAMILIES = ("megatron-deepspeed-pipe", "neox-pipe")
 
 
@@ -168,3 +186,15 @@ def family_of_layer_keys(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     found = [f for f in PIPE_FAMILIES if TABLES[f].is_layer(keys)]
     return found[0] if len(found) == 1 else None
+
+
+def megatron_core_table(names: Iterable[str]) -> LayerTable:
+    """The megatron-core table (GPT ``decoder.layers``, BERT ``encoder.layers``) whose layer
+    names occur in ``names`` (full parameter names); GPT when neither does (the caller then
+    reports "no layers" with its own context)."""
+    names = list(names)
+    found = [f for f in MEGATRON_CORE_FAMILIES
+             if any(TABLES[f].split_layer_name(n) for n in names)]
+    if len(found) > 1:
+        raise ValueError(f"parameter names mix model families {found} (decoder and encoder layers)")
+    return TABLES[found[0] if found else "megatron-core-gpt"]

@@ -23,7 +23,8 @@ import torch
 LAYER_PATTERN = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 LAYER_TEMPLATE = "decoder.layers.{layer}.{suffix}"
 
-_COLUMN = re.compile(r"(^embedding\.word_embeddings\.weight$|^output_layer\.weight$|"
+# output_layer.bias: BertModel's vocabulary-split output bias (GPTModel has none)
+_COLUMN = re.compile(r"(^embedding\.word_embeddings\.weight$|^output_layer\.(weight|bias)$|"
                      r"\.linear_qkv\.(weight|bias)$|\.linear_fc1\.(weight|bias)$)")
 _ROW_WEIGHT = re.compile(r"\.(linear_proj|linear_fc2)\.weight$")
 _FC1 = re.compile(r"\.linear_fc1\.(weight|bias)$")

@@ -32,8 +32,8 @@ from lag_ds.checkpoint.deepspeed_grow import (
     value_rule,
 )
 from lag_ds.checkpoint.deepspeed_source import STATE_KEYS
+from lag_ds.checkpoint.layer_tables import megatron_core_table
 from lag_ds.checkpoint.manifest import read_manifest, write_manifest
-from lag_ds.checkpoint.megatron_layout import layer_name, split_layer_name
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
@@ -61,10 +61,12 @@ def materialise_candidate(base: Path, dst: Path, plan: GrowthPlan, *, optimizer_
     tag_dir = universal_tag_dir(base)
     zero = tag_dir / "zero"
     names = sorted(p.name for p in zero.iterdir() if p.is_dir())
+    table = megatron_core_table(names)  # GPT decoder.layers or BERT encoder.layers
+    split_layer_name, layer_name = table.split_layer_name, table.layer_name
     layer_params = sorted((n for n in names if split_layer_name(n)), key=split_layer_name)
     num_layers = len({split_layer_name(n)[0] for n in layer_params})
     ordered = [n for n in names if not split_layer_name(n)] + layer_params
-    dests = plan_destinations(ordered, num_layers, plan, where=str(base))
+    dests = plan_destinations(ordered, num_layers, plan, where=str(base), table=table)
     base_hashes = {(base / rel): meta["sha256"] for rel, meta in base_manifest["files"].items()}
     known: dict[Path, str] = {}
     linked = written = 0

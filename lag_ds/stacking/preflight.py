@@ -19,8 +19,8 @@ def check_lag_run(cfg: LagRunConfig) -> None:
     from lag_ds.checkpoint.deepspeed_source import DeepSpeedCheckpoint
     from lag_ds.checkpoint.safe_load import check_pickle_globals
     from lag_ds.config import apply_overrides, load_yaml
+    from lag_ds.families import get_family
     from lag_ds.growth import parse_space
-    from lag_ds.model.presets import get_preset
     from lag_ds.stacking.allocations import parse_allocation
     from lag_ds.stacking.lag_run import _check_topology
     from lag_ds.stacking.stage import read_base
@@ -45,7 +45,7 @@ def check_lag_run(cfg: LagRunConfig) -> None:
         base_step = cfg.base_steps if cfg.base_steps is not None else train.train_steps
         if base_step <= 0:
             raise ValueError(f"--base-steps must be positive, got {base_step}")
-        layers = train.num_layers or get_preset(train.preset).num_layers
+        layers = train.num_layers or get_family(train.family).get_preset(train.preset).num_layers
         where = "the base run"
     if cfg.total_steps <= base_step + cfg.lag_steps:
         raise ValueError(f"--total-steps {cfg.total_steps} must exceed {where}'s step "

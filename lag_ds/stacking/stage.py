@@ -177,9 +177,11 @@ def read_base(base: Path) -> tuple[int, int]:
     """(global step, number of layers) of a base checkpoint that a stage can grow, asked of the
     checkpoint formats' registry (no tensor is read)."""
     info = read_checkpoint_info(base)
-    if info.format not in ("deepspeed", "deepspeed-zero3") or info.family != "megatron-core-gpt":
+    # megatron-core GPT or BERT (lag_ds.families): the readers tell them apart by their names
+    if (info.format not in ("deepspeed", "deepspeed-zero3")
+            or info.family not in ("megatron-core-gpt", "megatron-core-bert")):
         raise ValueError(f"{base}: a LAG stage grows lag_ds's own DeepSpeed checkpoints of a "
-                         f"megatron-core GPT (found {info.format}, {info.family}); convert others "
+                         f"megatron-core GPT/BERT (found {info.format}, {info.family}); convert others "
                          "with tools/grow_checkpoint.py first")
     if info.zero_stage == 0:
         raise ValueError(f"{base}: LAG candidates need a ZeRO-1/2/3 base (universal layout); "

@@ -66,6 +66,9 @@ class TrainConfig:
     run_dir: str = "runs/base"
     """Checkpoints go to ``run_dir/checkpoints``, TensorBoard events to ``tb_dir`` (default
     ``run_dir/tb``), scalars to ``run_dir/metrics.jsonl``."""
+    family: str = "gpt-ul2"
+    """Model family (:mod:`lag_ds.families`): ``gpt-ul2`` (GPTModel + UL2, the default) or
+    ``bert-mlm`` (BertModel + masked LM, presets ``bert-*``)."""
     preset: str = "small"
     num_layers: int | None = None
     """Depth override of the preset (a grown candidate has more layers than its base)."""
@@ -107,6 +110,10 @@ class TrainConfig:
     """Tokenizer and indexed-dataset cache (shared between runs)."""
 
     def __post_init__(self) -> None:
+        from lag_ds.families import FAMILY_NAMES
+
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"family must be one of {list(FAMILY_NAMES)}, got {self.family!r}")
         for name in ("global_batch_size", "micro_batch_size", "train_steps", "eval_interval",
                      "log_interval", "save_interval", "keep_checkpoints", "tensor_parallel", "eval_samples",
                      "eval_dense_interval"):

@@ -1,4 +1,7 @@
-"""The training loop: UL2 batches -> DeepSpeed engine -> metrics, validation, checkpoints.
+"""The training loop: the family's batches -> DeepSpeed engine -> metrics, validation, checkpoints.
+
+The model, its batches, loss and validation come from ``cfg.family`` (:mod:`lag_ds.families`:
+GPT + UL2 by default, BERT + masked LM); everything below is family-agnostic.
 
 One function, readable top to bottom (nanoGPT style). What makes it fit for LAG:
 
@@ -27,14 +30,12 @@ from megatron.core import parallel_state as ps
 
 from lag_ds import metrics_schema as ms
 from lag_ds.config import to_dict
-from lag_ds.data import Ul2BatchSource, prepare_data, validation_batches
-from lag_ds.model.build import build_gpt_model
-from lag_ds.model.presets import get_preset
+from lag_ds.data import prepare_data
+from lag_ds.families import get_family
 from lag_ds.train import checkpointing
 from lag_ds.train.config import TrainConfig
 from lag_ds.train.distributed import init_distributed
 from lag_ds.train.engine import initialize_engine
-from lag_ds.train.evaluate import validation_loss
 from lag_ds.train.metrics import STATUS_PREFIX, MetricLogger
 from lag_ds.train.startup import StartupClock
 
@@ -64,13 +65,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, Path(cfg.cache_dir))
     say(f"data ready in {time.perf_counter() - t0:.1f} s: {data.describe()}")
-    tokenizer = data.tokenizer()
+    family = get_family(cfg.family)  # model, objective and parameter names (lag_ds.families)
+    tokenizer = family.tokenizer(data)
     clock.mark("data")
-    model_cfg = get_preset(cfg.preset)
+    model_cfg = family.get_preset(cfg.preset)
     if cfg.num_layers is not None:
         model_cfg = model_cfg.with_layers(cfg.num_layers)
     vocab = model_cfg.padded_vocab_size(tokenizer.vocab_size, ps.get_tensor_model_parallel_world_size())
-    model = build_gpt_model(model_cfg, vocab_size=vocab, seed=cfg.seed)
+    model = family.build_model(model_cfg, vocab_size=vocab, seed=cfg.seed)
     # Where to start: own checkpoint > init_from (native or universal) > scratch.
     own_tag = checkpointing.read_latest(ckpt_dir)
     resumed = own_tag is not None
@@ -109,11 +111,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     grad_acc = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    source = Ul2BatchSource(data.train_dataset(), tokenizer, seq_len=model_cfg.seq_length,
-                            global_batch_size=cfg.global_batch_size, seed=cfg.data_seed)
-    val_batches = validation_batches(data.valid_dataset(), tokenizer, seq_len=model_cfg.seq_length,
-                                     num_samples=cfg.eval_samples, batch_size=cfg.micro_batch_size,
-                                     seed=cfg.data_seed)
+    source = family.batch_source(data, tokenizer, seq_len=model_cfg.seq_length,
+                                 global_batch_size=cfg.global_batch_size, seed=cfg.data_seed)
+    val_batches = family.validation_batches(data, tokenizer, seq_len=model_cfg.seq_length,
+                                            num_samples=cfg.eval_samples,
+                                            batch_size=cfg.micro_batch_size, seed=cfg.data_seed)
     if rank == 0:
         # ZeRO-3 leaves empty placeholders in the module; ds_numel is the full size.
         n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -128,7 +130,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     last_val: dict[str, float] = {}
     if not resumed:  # LAG@0: the loss right after growing (or at initialisation)
         say(f"validation at step {step} ({cfg.eval_samples} samples)")
-        last_val = validation_loss(engine, val_batches, device)
+        last_val = family.validation_loss(engine, val_batches, device)
         logger.log(step, last_val)
         _log_since_growth(logger, cfg, step, last_val)
     clock.mark("first_validation")
@@ -144,8 +146,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             for micro in range(grad_acc):
                 batch = source.micro_batch(step, dp_rank=dp_rank, dp_size=dp_size,
                                            micro_batch_size=cfg.micro_batch_size, micro_index=micro)
-                per_token = engine(batch.tokens.to(device), batch.position_ids.to(device),
-                                   batch.attention_mask.to(device), labels=batch.labels.to(device))
+                per_token = family.per_token_loss(engine, batch, device)
                 mask = batch.loss_mask.to(device)
                 loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
                 if inject is not None and int(inject) == step:
@@ -172,13 +173,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     ms.TRAIN_TOKENS_PER_S: tokens_per_step / elapsed,
                 })
             if _evaluates(cfg, step):
-                last_val = validation_loss(engine, val_batches, device)
+                last_val = family.validation_loss(engine, val_batches, device)
                 logger.log(step, last_val)
                 _log_since_growth(logger, cfg, step, last_val)
             if step % cfg.save_interval == 0 or step == cfg.train_steps:
                 checkpointing.save(engine, ckpt_dir, step=step, keep=cfg.keep_checkpoints,
                                    client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
-                                                 "preset": cfg.preset})
+                                                 "preset": cfg.preset, "family": cfg.family})
             progress.update(1)
             if not clock.written:
                 clock.mark("first_step")

@@ -39,9 +39,10 @@ def preflight(cfg: TrainConfig) -> str:
     """Validate ``cfg``'s inputs; ``ValueError`` (one line naming the file) on anything wrong.
 
     Returns where the run will start: ``"resume <dir>"``, ``"init_from <dir>"`` or ``"scratch"``."""
-    from lag_ds.model.presets import get_preset
+    from lag_ds.families import get_family
 
-    layers = cfg.num_layers if cfg.num_layers is not None else get_preset(cfg.preset).num_layers
+    preset = get_family(cfg.family).get_preset(cfg.preset)
+    layers = cfg.num_layers if cfg.num_layers is not None else preset.num_layers
     _check_ds_config(Path(cfg.ds_config))
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
