@@ -27,6 +27,7 @@ from lag_ds.metrics_schema import TRAIN_LOSS, WALL_TIME
 from lag_ds.select import read_records
 from lag_ds.stacking.allocations import parse_allocation
 from lag_ds.stacking.config import LagRunConfig
+from lag_ds.stacking.kill_point import kill_point
 from lag_ds.stacking.stage import (
     Launch,
     StageSpec,
@@ -179,6 +180,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
 
     # 5. selection
     selection = decide(spec, prepared, raced, extra={"config": asdict(cfg)})
+    kill_point("decided")
     log(f"{policy.describe()} winner: {selection.winner} (LAG@0 would pick "
         f"{selection.lag0_winner}); {raced.candidate_steps} candidate-steps")
 
