@@ -45,6 +45,8 @@ BASE, K, TOTAL = 6, 4, 14
 SPACE = "starts0=0;blocks=1;inits=duplicate,random,zero"
 NAMES = ["k1-i0-b1-duplicate", "k1-i0-b1-random", "k1-i0-b1-zero"]
 LAUNCH_HEADER = "=== lag_ds.launch "
+PORTS = range(29840, 29880)
+"""Master ports of this test's jobs (the reference from 29840, the chain from 29860)."""
 
 
 def command_env(out: Path, train_config: Path, **extra: str) -> dict[str, str]:
@@ -266,6 +268,17 @@ def chain(tmp_path_factory):
                "winner_at_kill": winner_at_kill}
     finally:
         kill_run_processes(root)  # nothing of the run may outlive the test
+        remove_shm_segments(PORTS)
+
+
+def remove_shm_segments(ports: range) -> None:
+    """DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm segment per rank and master port,
+    killed or not (README: they pile up until a build is OOM-killed); remove this test's own,
+    named by its ports, once none of its processes is left."""
+    for seg in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        parts = seg.name.split("_")
+        if len(parts) >= 6 and parts[-2].isdigit() and int(parts[-2]) in ports:
+            seg.unlink(missing_ok=True)
 
 
 def test_same_winner_as_the_curves_and_as_an_uninterrupted_run(chain):
