@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lag_ds.atomic_io import atomic_write_text
 from lag_ds.config import apply_overrides, load_yaml
 from lag_ds.growth import parse_space
 from lag_ds.launch import prepare_deepspeed_ops
@@ -27,6 +28,7 @@ from lag_ds.metrics_schema import TRAIN_LOSS, WALL_TIME
 from lag_ds.select import read_records
 from lag_ds.stacking.allocations import parse_allocation
 from lag_ds.stacking.config import LagRunConfig
+from lag_ds.stacking.kill_point import kill_point
 from lag_ds.stacking.stage import (
     Launch,
     StageSpec,
@@ -179,6 +181,7 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
 
     # 5. selection
     selection = decide(spec, prepared, raced, extra={"config": asdict(cfg)})
+    kill_point("decided")
     log(f"{policy.describe()} winner: {selection.winner} (LAG@0 would pick "
         f"{selection.lag0_winner}); {raced.candidate_steps} candidate-steps")
 
@@ -195,7 +198,9 @@ def run_lag(cfg: LagRunConfig) -> dict[str, Any]:
                "final_step": promoted.final_step, "final_val_loss": promoted.final_val_loss,
                "selection": str((out / "selection.json").resolve()), "tensorboard": str(tb_dir),
                "phase_wall_s": {k: round(v, 1) for k, v in clock.seconds.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Last and atomic: a summary.json that exists is whole and says the run is done, even if
+    # the orchestrator is killed while writing it.
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(format_summary(selection, raced.failed, summary))
     print(clock.table())
     return summary

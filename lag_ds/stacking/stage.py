@@ -44,6 +44,7 @@ from lag_ds.config import to_dict
 from lag_ds.growth import GrowthOperator, parse_space, plan_growth
 from lag_ds.launch import Allocation, JobSpec, ProgressReporter, run_jobs
 from lag_ds.select import Selection, load_curve, select_lag, write_selection_json
+from lag_ds.stacking.kill_point import kill_point
 from lag_ds.stacking.race import RacePolicy, RaceResult, run_race
 from lag_ds.train.config import TrainConfig
 from lag_ds.train.metrics import STATUS_PREFIX
@@ -205,24 +206,26 @@ def prepare(spec: StageSpec) -> Prepared:
             init.parent.mkdir(parents=True, exist_ok=True)
             materialise_candidate(base_universal, init, plan_growth(op, num_layers, seed=spec.seed),
                                   optimizer_state=spec.optimizer_state)
+        kill_point(f"candidate:{op.name}")
     usage = disk_usage([base_universal, *[cand_dir(spec, op.name) / "init" for op in ops]])
     return Prepared(base_step=base_step, num_layers=num_layers, operators=ops, disk_usage=usage)
 
 
 # ---- 2. race ------------------------------------------------------------------------------------
 
-def candidate_job(spec: StageSpec, prepared: Prepared, name: str, target: int, *,
-                  save_interval: int | None = None) -> JobSpec:
+def candidate_job(spec: StageSpec, prepared: Prepared, name: str, target: int) -> JobSpec:
     """Candidate ``name`` trained up to absolute step ``target`` (it resumes from its own
-    checkpoint, or starts from its grown ``init``).  Every job saves at its last step; in the
-    race it saves only there (``save_interval`` None), a study run also on the train config's
-    interval."""
+    checkpoint, or starts from its grown ``init``).
+
+    Every job saves at its last step and, in the race as in a study run, on the train config's
+    ``save_interval``: a node lost mid-race then costs a candidate the steps since its last
+    interval, not all of them since growing (RELIABILITY.md #8).  ``keep_checkpoints=1`` keeps
+    the disk cost at one checkpoint per candidate."""
     d = cand_dir(spec, name)
     dense = spec.dense_eval_steps
-    every = save_interval if save_interval is not None else max(1, target - prepared.base_step)
     return train_job(spec.train, name, d / "run", total_steps=target,
                      init_from=str((d / "init").resolve()), num_layers=prepared.grown_layers,
-                     eval_interval=spec.eval_interval, save_interval=every,
+                     eval_interval=spec.eval_interval, save_interval=spec.train.save_interval,
                      keep_checkpoints=1, growth_step=prepared.base_step,
                      eval_dense_until=prepared.base_step + dense if dense else None,
                      eval_dense_interval=spec.dense_eval_interval, **_tb(spec, name))
@@ -292,8 +295,7 @@ def promote(spec: StageSpec, prepared: Prepared, result: RaceResult, selection: 
     winner = selection.winner
     if spec.study:
         names = [op.name for op in prepared.operators if op.name not in result.failed]
-        jobs = [candidate_job(spec, prepared, n, spec.total_steps,
-                              save_interval=spec.train.save_interval) for n in names]
+        jobs = [candidate_job(spec, prepared, n, spec.total_steps) for n in names]
         results = launch.run(jobs, journal=spec.out_dir / "journal-study.jsonl")
         study_failed = {n: r.reason for n, r in results.items() if r.state != "finished"}
         if winner in study_failed:
@@ -309,6 +311,7 @@ def promote(spec: StageSpec, prepared: Prepared, result: RaceResult, selection: 
             promoted_init.parent.mkdir(parents=True, exist_ok=True)
             grow_checkpoint(winner_ckpt, promoted_init, None,
                             target_dp=launch.allocation.num_slots // tp, show_progress=False)
+        kill_point("promoted_init")
         run_dir = spec.out_dir / "promoted" / "run"
         job = train_job(spec.train, "promoted", run_dir, total_steps=spec.total_steps,
                         init_from=str(promoted_init.resolve()), num_layers=prepared.grown_layers,

@@ -14,7 +14,10 @@ One function, readable top to bottom (nanoGPT style). What makes it fit for LAG:
 * a non-finite loss stops every rank *before* the optimizer step, logs it, and exits with code 3
   (the launcher marks the candidate failed).
 
-Fault injection for tests: env ``LAG_DS_INJECT_NAN_AT_STEP=<step>`` makes the loss NaN at that step.
+Fault injection for tests: env ``LAG_DS_INJECT_NAN_AT_STEP=<step>`` makes the loss NaN at that step;
+env ``LAG_DS_HOLD_AT=<step>:<file>`` makes every rank wait after that step (and its checkpoint)
+while ``<file>`` exists, so that a test can kill the orchestrator, or the whole "node", at a known
+point of a job that would otherwise be over in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lag_ds.train.metrics import STATUS_PREFIX, MetricLogger
 from lag_ds.train.startup import StartupClock
 
 EXIT_NON_FINITE = 3
+HOLD_ENV = "LAG_DS_HOLD_AT"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -136,6 +140,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     clock.mark("first_validation")
 
     inject = os.environ.get("LAG_DS_INJECT_NAN_AT_STEP")
+    hold = _hold_request(os.environ.get(HOLD_ENV))
     progress = _progress_bar(rank == 0, initial=step, total=cfg.train_steps)
     tokens_per_step = cfg.global_batch_size * model_cfg.seq_length
     try:
@@ -180,6 +185,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 checkpointing.save(engine, ckpt_dir, step=step, keep=cfg.keep_checkpoints,
                                    client_state={"data_seed": cfg.data_seed, "num_layers": model_cfg.num_layers,
                                                  "preset": cfg.preset, "family": cfg.family})
+            if hold is not None and hold[0] == step:
+                _hold(hold[1], step, say)
             progress.update(1)
             if not clock.written:
                 clock.mark("first_step")
@@ -189,6 +196,26 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         progress.close()
         logger.close()
     return last_val
+
+
+def _hold_request(text: str | None) -> tuple[int, Path] | None:
+    """``LAG_DS_HOLD_AT``'s (step, file); a malformed value is an error, not a silently
+    ignored hook (a test relying on it would otherwise race a job that never waits)."""
+    if not text:
+        return None
+    step, sep, path = text.partition(":")
+    if not sep or not step.strip().isdigit() or not path:
+        raise ValueError(f"{HOLD_ENV}={text!r}: expected <step>:<file>")
+    return int(step), Path(path)
+
+
+def _hold(path: Path, step: int, say) -> None:
+    """Wait while ``path`` exists (test hook, see the module docstring); the status line tells
+    the test that this job now sits after ``step`` with its checkpoint written."""
+    if path.exists():
+        say(f"held after step {step} while {path} exists")
+    while path.exists():
+        time.sleep(0.05)
 
 
 def _evaluates(cfg: TrainConfig, step: int) -> bool:
