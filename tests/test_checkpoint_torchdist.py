@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -35,11 +36,17 @@ CKPT_SUFFIX = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_w
 OUTPUT_PROJ = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
 
-def _run(*args: str) -> None:
+def _run(*jobs: list[str]) -> None:
+    """Run the script once per job, concurrently (each is mostly start-up: imports, spawn)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *job], env=env, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for job in jobs]
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()  # no-op once it exited; never leave one behind on a timeout
+        assert proc.returncode == 0, err[-3000:]
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
@@ -51,12 +58,10 @@ def _tree_hash(root: Path) -> dict[str, str]:
 def sources(tmp_path_factory):
     """{tp: (checkpoint dir, dump of the saved 2-layer model, sha256 of every file)}."""
     root = tmp_path_factory.mktemp("torchdist")
-    out = {}
-    for tp in (1, 2):
-        ckpt, dump = root / f"src_tp{tp}", root / f"src_tp{tp}.pt"
-        _run("save", str(ckpt), "--layers", "2", "--tp", str(tp), "--optimizer", "--dump", str(dump))
-        out[tp] = (ckpt, torch.load(dump), _tree_hash(ckpt))
-    return out
+    _run(*(["save", str(root / f"src_tp{tp}"), "--layers", "2", "--tp", str(tp), "--optimizer",
+            "--dump", str(root / f"src_tp{tp}.pt")] for tp in (1, 2)))
+    return {tp: (root / f"src_tp{tp}", torch.load(root / f"src_tp{tp}.pt"),
+                 _tree_hash(root / f"src_tp{tp}")) for tp in (1, 2)}
 
 
 def _grow(src: Path, dst: Path, init: str, **options):
@@ -66,10 +71,24 @@ def _grow(src: Path, dst: Path, init: str, **options):
     return plan, manifest
 
 
-def _load(ckpt: Path, tp: int, tmp_path: Path) -> dict:
-    dump = tmp_path / f"loaded_{ckpt.name}_tp{tp}.pt"
-    _run("load", str(ckpt), "--layers", "3", "--tp", str(tp), "--optimizer", "--dump", str(dump))
-    return torch.load(dump)
+@pytest.fixture(scope="module")
+def grown(sources, tmp_path_factory):
+    """{init: (plan, manifest, source dump, dump of the 3-layer model megatron loaded it into)}:
+    zero and duplicate (from the TP=2 source) loaded at TP=1 in one process, random at TP=2."""
+    root = tmp_path_factory.mktemp("grown")
+    jobs = {"zero": (1, {}, 1), "random": (1, {"init_std": 0.02}, 2),
+            "duplicate": (2, {"optimizer_state": "copy"}, 1)}
+    out = {}
+    for init, (src_tp, options, _) in jobs.items():
+        out[init] = _grow(sources[src_tp][0], root / init, init, **options)
+    loads = []
+    for tp in (1, 2):
+        inits = [i for i, job in jobs.items() if job[2] == tp]
+        loads.append(["load", *(str(root / i) for i in inits), "--layers", "3", "--tp", str(tp),
+                      "--optimizer", "--dump", *(str(root / f"{i}.pt") for i in inits)])
+    _run(*loads)
+    return {init: (*out[init], sources[jobs[init][0]][1], torch.load(root / f"{init}.pt"))
+            for init in jobs} | {"root": root}
 
 
 def _check_layers(loaded: dict, source: dict, plan, expect_new) -> None:
@@ -90,15 +109,14 @@ def _check_layers(loaded: dict, source: dict, plan, expect_new) -> None:
             expect_new(src, suffix, loaded, name, source)
 
 
-def test_grow_zero_is_function_preserving_and_loads_with_optimizer_state(sources, tmp_path):
-    src, source, _ = sources[1]
-    plan, manifest = _grow(src, tmp_path / "zero", "zero")
+def test_grow_zero_is_function_preserving_and_loads_with_optimizer_state(grown):
+    plan, manifest, source, loaded = grown["zero"]
     assert manifest["kind"] == "megatron-torch-dist"
-    grown = TorchDistCheckpoint(tmp_path / "zero")
-    assert grown.num_layers == 3
-    assert tuple(grown.tensors["decoder.layers.mlp.linear_fc1.weight"].size) == (3, 128, 32)
-    assert "decoder.layers.mlp.linear_fc2._extra_state/shard_2_3" in grown.objects
-    assert not any(k.endswith("_2") for k in grown.objects)  # every object re-keyed for 3 layers
+    grown_ck = TorchDistCheckpoint(grown["root"] / "zero")
+    assert grown_ck.num_layers == 3
+    assert tuple(grown_ck.tensors["decoder.layers.mlp.linear_fc1.weight"].size) == (3, 128, 32)
+    assert "decoder.layers.mlp.linear_fc2._extra_state/shard_2_3" in grown_ck.objects
+    assert not any(k.endswith("_2") for k in grown_ck.objects)  # every object re-keyed
 
     def new_layer(src_layer, suffix, loaded, name, source):
         old = f"decoder.layers.{src_layer.old_index}.{suffix}"
@@ -108,14 +126,12 @@ def test_grow_zero_is_function_preserving_and_loads_with_optimizer_state(sources
             else:
                 assert torch.equal(loaded[key][name], source[key][old]), (key, name)
 
-    loaded = _load(tmp_path / "zero", 1, tmp_path)
     _check_layers(loaded, source, plan, new_layer)
     assert torch.equal(loaded["logits"], source["logits"])  # identity block: bit-identical
 
 
-def test_grow_random_loads_at_tp2(sources, tmp_path):
-    src, source, _ = sources[1]
-    plan, _ = _grow(src, tmp_path / "random", "random", init_std=0.02)
+def test_grow_random_loads_at_tp2(grown):
+    plan, _, source, loaded = grown["random"]
 
     def new_layer(src_layer, suffix, loaded, name, source):
         ckpt_suffix = CKPT_SUFFIX.get(suffix, suffix)
@@ -124,23 +140,18 @@ def test_grow_random_loads_at_tp2(sources, tmp_path):
         assert torch.equal(loaded["params"][name], want), name
         assert not loaded["exp_avg"][name].any() and not loaded["exp_avg_sq"][name].any()
 
-    loaded = _load(tmp_path / "random", 2, tmp_path)
     _check_layers(loaded, source, plan, new_layer)
 
 
-def test_grow_duplicate_of_a_tp2_checkpoint_loads_at_tp1(sources, tmp_path):
-    src, source, _ = sources[2]
-    plan, _ = _grow(src, tmp_path / "dup", "duplicate", optimizer_state="copy")
+def test_grow_duplicate_of_a_tp2_checkpoint_loads_at_tp1(grown):
+    plan, _, source, loaded = grown["duplicate"]
 
     def new_layer(src_layer, suffix, loaded, name, source):
         old = f"decoder.layers.{src_layer.copy_from}.{suffix}"
         for key in ("params", "exp_avg", "exp_avg_sq"):
             assert torch.equal(loaded[key][name], source[key][old]), (key, name)
 
-    loaded = _load(tmp_path / "dup", 1, tmp_path)
     _check_layers(loaded, source, plan, new_layer)
-    # same model saved at TP=2, read back at TP=1: the forward agrees with the TP=2 source's to
-    # float rounding on the old part; not compared, the grown model has an extra (duplicate) layer
 
 
 def test_megatron_lm_run_directory_and_common_args(sources, tmp_path):
@@ -161,16 +172,18 @@ def test_megatron_lm_run_directory_and_common_args(sources, tmp_path):
     assert detect_format(tmp_path / "grown").name == "megatron-torch-dist"
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "grow_checkpoint.py"), *argv],
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                          text=True, timeout=120)
-    return proc.returncode, proc.stdout, proc.stderr
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    if str(REPO / "tools") not in sys.path:  # as tests/test_bad_input.py imports the tool
+        sys.path.insert(0, str(REPO / "tools"))
+    tool = importlib.import_module("grow_checkpoint")
+    code = tool.main([*argv, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_cli_names_the_format_and_refuses_bad_input_in_one_line(sources, tmp_path):
+def test_cli_names_the_format_and_refuses_bad_input_in_one_line(sources, tmp_path, capsys):
     src, _, _ = sources[1]
-    code, out, _ = _cli("--src", str(src), "--op", "k=1,i0=1,b=1,init=zero", "--dry-run")
+    code, out, _ = _cli(capsys, "--src", str(src), "--op", "k=1,i0=1,b=1,init=zero", "--dry-run")
     assert code == 0 and out.startswith("source: megatron-torch-dist, 2 layers"), out
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
@@ -184,7 +197,7 @@ def test_cli_names_the_format_and_refuses_bad_input_in_one_line(sources, tmp_pat
          "already exists"),
     ]
     for argv, message in cases:
-        code, out, err = _cli(*argv)
+        code, out, err = _cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

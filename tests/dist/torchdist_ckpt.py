@@ -1,7 +1,7 @@
 """megatron-core torch_dist checkpoints of the tiny GPTModel, written and read by megatron itself.
 
     python tests/dist/torchdist_ckpt.py save  OUT  --layers 2 --tp 1 [--optimizer] [--dump D.pt]
-    python tests/dist/torchdist_ckpt.py load  CKPT --layers 3 --tp 2 --dump OUT.pt [--optimizer]
+    python tests/dist/torchdist_ckpt.py load  CKPT... --layers 3 --tp 2 --dump OUT.pt... [--optimizer]
 
 ``--tp N`` runs N ranks (torch.multiprocessing, gloo, one TP group). ``save`` builds the model
 (seed 11) and calls ``dist_checkpointing.save(model.sharded_state_dict(), OUT)``; with
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import warnings
 
@@ -102,48 +103,49 @@ def _worker(rank, world, port, args):
     from lag_ds.checkpoint.megatron_layout import tp_rule
 
     _setup(rank, world, port, args.tp)
-    if args.mode == "save":
-        model = _model(args.layers, SEED)
-        sd = model.sharded_state_dict()
-        states = {}
-        if args.optimizer:
-            opt = _optimizer(model)
-            ids, pos, mask = _batch()
-            model(ids, pos, mask).float().pow(2).mean().backward()
-            opt.optimizer.step()
-            states = opt.optimizer.state
-            sd = {"model": sd, "optimizer": opt.sharded_state_dict(sd)}
-        dist_checkpointing.save(sd, args.path)
-    else:
-        model = _model(args.layers, SEED + 100)
-        sd = model.sharded_state_dict()
-        opt = None
-        if args.optimizer:
-            opt = _optimizer(model)
-            ids, pos, mask = _batch()
-            model(ids, pos, mask).float().pow(2).mean().backward()
-            opt.optimizer.step()  # materialise the state megatron will overwrite
-            sd = {"model": sd, "optimizer": opt.sharded_state_dict(sd, is_loading=True)}
-        loaded = dist_checkpointing.load(sd, args.path)
-        model.load_state_dict(loaded["model"] if args.optimizer else loaded)
-        states = {}
-        if opt is not None:  # torch Adam numbers its parameters in order (one param group)
-            by_id = loaded["optimizer"]["state"]
-            states = {p: by_id[i] for i, p in enumerate(model.parameters())}
-    if args.dump:  # the saved model as it was, or the loaded one
-        dump = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
-        for name, p in model.named_parameters():
-            rule = tp_rule(name, glu=True).cat_dim
-            dump["params"][name] = _full(name, p, _gather(p.data, rule))
-            if states:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    dump[key][name] = _full(name, p, _gather(states[p][key], rule))
-        with torch.no_grad():
-            logits = model.eval()(*_batch())
-        parts = _gather(logits, 0)
-        dump["logits"] = torch.cat(parts, dim=-1) if isinstance(parts, list) else parts
-        if rank == 0:
-            torch.save(dump, args.dump)
+    for path, dump_path in zip(args.path, args.dump or [None] * len(args.path)):
+        if args.mode == "save":
+            model = _model(args.layers, SEED)
+            sd = model.sharded_state_dict()
+            states = {}
+            if args.optimizer:
+                opt = _optimizer(model)
+                ids, pos, mask = _batch()
+                model(ids, pos, mask).float().pow(2).mean().backward()
+                opt.optimizer.step()
+                states = opt.optimizer.state
+                sd = {"model": sd, "optimizer": opt.sharded_state_dict(sd)}
+            dist_checkpointing.save(sd, path)
+        else:
+            model = _model(args.layers, SEED + 100)
+            sd = model.sharded_state_dict()
+            opt = None
+            if args.optimizer:
+                opt = _optimizer(model)
+                ids, pos, mask = _batch()
+                model(ids, pos, mask).float().pow(2).mean().backward()
+                opt.optimizer.step()  # materialise the state megatron will overwrite
+                sd = {"model": sd, "optimizer": opt.sharded_state_dict(sd, is_loading=True)}
+            loaded = dist_checkpointing.load(sd, path)
+            model.load_state_dict(loaded["model"] if args.optimizer else loaded)
+            states = {}
+            if opt is not None:  # torch Adam numbers its parameters in order (one param group)
+                by_id = loaded["optimizer"]["state"]
+                states = {p: by_id[i] for i, p in enumerate(model.parameters())}
+        if dump_path:  # the saved model as it was, or the loaded one
+            dump = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+            for name, p in model.named_parameters():
+                rule = tp_rule(name, glu=True).cat_dim
+                dump["params"][name] = _full(name, p, _gather(p.data, rule))
+                if states:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        dump[key][name] = _full(name, p, _gather(states[p][key], rule))
+            with torch.no_grad():
+                logits = model.eval()(*_batch())
+            parts = _gather(logits, 0)
+            dump["logits"] = torch.cat(parts, dim=-1) if isinstance(parts, list) else parts
+            if rank == 0:
+                torch.save(dump, dump_path)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -151,17 +153,17 @@ def _worker(rank, world, port, args):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("save", "load"))
-    p.add_argument("path")
+    p.add_argument("path", nargs="+", help="one for save; several for load (one process)")
     p.add_argument("--layers", type=int, required=True)
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dump")
+    p.add_argument("--dump", nargs="+", help="one file per path")
     p.add_argument("--optimizer", action="store_true")
     args = p.parse_args(argv)
-    from lag_ds.train.distributed import free_port
-
-    port = free_port()
+    with socket.socket() as sock:  # not lag_ds.train.distributed: keep this parent light
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     if args.mode == "save":
-        os.makedirs(args.path, exist_ok=True)
+        os.makedirs(args.path[0], exist_ok=True)
     if args.tp == 1:
         _worker(0, 1, port, args)
     else:
