@@ -260,13 +260,23 @@ class _LazyPlanner:
 
 def grow_torch_dist_checkpoint(src: Path, dst: Path, plan: GrowthPlan, *,
                                show_progress: bool = True, optimizer_state: str = "copy",
-                               init_std: float = 0.02, unsafe_load: bool = False
-                               ) -> dict[str, Any]:
+                               init_std: float = 0.02, unsafe_load: bool = False,
+                               reuse: str = "rewrite") -> dict[str, Any]:
     """Write ``dst``: the torch_dist checkpoint ``src`` grown by ``plan``; returns the manifest.
 
     ``src`` is a torch_dist directory or a Megatron-LM run directory with a tracker file (then
     ``dst`` gets the same tracker and iteration directory). Everything is validated before
-    anything is written; ``dst`` appears only when complete (``AtomicDirectory``)."""
+    anything is written; ``dst`` appears only when complete (``AtomicDirectory``).
+
+    ``reuse="rewrite"`` (the CLI's) writes a self-contained checkpoint through DCP.
+    ``reuse="link"`` hard-links the source's ``.distcp`` files into ``dst`` and writes a new
+    ``.metadata`` whose chunk table points every copied layer row (and every unchanged tensor and
+    object) at the bytes already stored there; only rows that are not copies (zero / random
+    values, zeroed moments) are written, to one new file (:func:`_write_by_reference`). It needs
+    a source whose stacked tensors are stored one layer per chunk (megatron's own saves are) and
+    the same filesystem; it raises ``ValueError`` otherwise, writing nothing."""
+    if reuse not in ("rewrite", "link"):
+        raise ValueError(f"reuse must be 'rewrite' or 'link', got {reuse!r}")
     from torch.distributed.checkpoint import FileSystemWriter, save
 
     if plan is None:
@@ -315,11 +325,16 @@ def grow_torch_dist_checkpoint(src: Path, dst: Path, plan: GrowthPlan, *,
     started = time.perf_counter()
     bar = progress_bar(show_progress, total=len(producers), desc=f"growing {ck.path.name}")
     counted = {k: _counted(p, bar) for k, p in producers.items()}
+    if reuse == "link":
+        _check_per_layer_chunks(ck)
     with AtomicDirectory(dst) as tmp:
         out = tmp / tag if tag else tmp
         out.mkdir(exist_ok=True)
-        save(state, storage_writer=FileSystemWriter(str(out), thread_count=1),
-             planner=_LazyPlanner(counted, raw), no_dist=True)
+        if reuse == "link":
+            linked = _write_by_reference(ck, out, state, by_suffix, init_std, new_layers, plan)
+        else:
+            save(state, storage_writer=FileSystemWriter(str(out), thread_count=1),
+                 planner=_LazyPlanner(counted, raw), no_dist=True)
         bar.close()
         shutil.copyfile(ck.path / "metadata.json", out / "metadata.json")
         if common is None:
@@ -337,8 +352,112 @@ def grow_torch_dist_checkpoint(src: Path, dst: Path, plan: GrowthPlan, *,
                    "copied_tensors": len(ck.tensors) - len(ck.stacked),
                    "objects": len(raw), "optimizer_state": optimizer_state,
                    "init_std": init_std, "write_seconds": round(time.perf_counter() - started, 3),
-                   "loads_at": "any TP/DP (global tensors; megatron-core reshards on load)"})
+                   "loads_at": "any TP/DP (global tensors; megatron-core reshards on load)",
+                   "reuse": reuse, "hard_linked_files": linked if reuse == "link" else []})
     return manifest
+
+
+def _check_per_layer_chunks(ck: TorchDistCheckpoint) -> None:
+    """Referencing copies layer rows by chunk: every stored chunk of a stacked tensor must hold
+    exactly one layer (megatron writes one chunk per layer and TP shard)."""
+    for key in ck.stacked:
+        for chunk in ck.tensors[key].chunks:
+            if chunk.sizes[0] != 1:
+                raise ValueError(f"{ck.path}: {key} has a chunk spanning layers "
+                                 f"{chunk.offsets[0]}..+{chunk.sizes[0]}; reuse='link' needs one "
+                                 "layer per chunk (use reuse='rewrite')")
+
+
+def _write_by_reference(ck: TorchDistCheckpoint, out: Path, state: dict[str, Any],
+                        by_suffix: dict[str, list[TensorRecipe]], init_std: float,
+                        new_layers: int, plan: GrowthPlan) -> list[str]:
+    """Hard-link the source's data files and write a chunk table that points into them.
+
+    Why: a DCP ``.metadata`` maps every (key, chunk offset) to (file, byte offset, length); the
+    bytes of a copied layer row are already on disk, so the grown table can name them again
+    (twice for a duplicated layer). Rows whose value is not a copy are serialised exactly as DCP's
+    own writer does (``torch.save`` of the chunk at a file offset) into ``__lag_grown.distcp``.
+    Files are never modified in place by DCP or megatron, so sharing inodes is safe for them;
+    an editor that rewrote a source file in place would change the grown checkpoint too."""
+    import copy
+    import os
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
+
+    src_md = ck.metadata
+    files = sorted({info.relative_path for info in src_md.storage_data.values()})
+    for name in files:
+        if "/" in name or name in ("", ".", "..", ".metadata"):
+            raise ValueError(f"{ck.path / '.metadata'}: storage file name {name!r} is not a file "
+                             "of the checkpoint directory")
+        try:
+            os.link(ck.path / name, out / name)
+        except OSError as exc:
+            raise ValueError(f"cannot hard-link {ck.path / name} into {out} ({exc.strerror}); "
+                             "use reuse='rewrite'") from None
+    chunks_of: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in src_md.storage_data.items():
+        chunks_of.setdefault(index.fqn, []).append((index, info))
+    new_md: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    new_file = "__lag_grown.distcp"
+    with open(out / new_file, "wb") as fresh:
+        for key, md in ck.tensors.items():
+            st = ck.stacked.get(key)
+            if st is None:  # unchanged tensor: same chunks, same bytes
+                new_md[key] = md
+                for index, info in chunks_of[key]:
+                    storage[index] = info
+                continue
+            moment = st.prefix in MOMENT_PREFIXES
+            chunks = []
+            for r in by_suffix[st.suffix]:
+                rule = r.moments if moment else r.value
+                if rule == "copy":
+                    for index, info in chunks_of[key]:
+                        if index.offset[0] == r.src.layer:
+                            offset = torch.Size((r.dst.layer, *index.offset[1:]))
+                            size = next(c.sizes for c in md.chunks if c.offsets == index.offset)
+                            chunks.append(ChunkStorageMetadata(offset, size))
+                            storage[MetadataIndex(key, offset)] = info
+                    continue
+                shape = tuple(md.size[1:])
+                if rule == "zero":
+                    row = torch.zeros((1, *shape), dtype=md.properties.dtype)
+                else:
+                    row = random_layer_param(st.suffix, shape, std=init_std,
+                                             num_layers=new_layers, seed=r.seed)
+                    row = row.to(md.properties.dtype).unsqueeze(0)
+                offset = torch.Size((r.dst.layer, *[0] * len(shape)))
+                start = fresh.tell()
+                torch.save(row.contiguous().clone(), fresh)
+                chunks.append(ChunkStorageMetadata(offset, torch.Size(row.shape)))
+                storage[MetadataIndex(key, offset)] = type(chunks_of[key][0][1])(
+                    relative_path=new_file, offset=start, length=fresh.tell() - start)
+            new_md[key] = TensorStorageMetadata(copy.deepcopy(md.properties),
+                                                torch.Size((new_layers, *md.size[1:])), chunks)
+        for key in state:
+            if key in ck.tensors:
+                continue
+            m = LAYER_OBJECT.match(key)
+            old_key = key
+            if m is not None:
+                layer = plan.layers[int(m.group("layer"))]
+                old_key = f"{m.group('base')}/shard_{layer.old_index}_{ck.num_layers}"
+            new_md[key] = BytesStorageMetadata()
+            storage[MetadataIndex(key)] = src_md.storage_data[MetadataIndex(old_key)]
+    metadata = Metadata(state_dict_metadata=new_md, planner_data=None, storage_data=storage,
+                        version=getattr(src_md, "version", None))
+    with open(out / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    return files
 
 
 def _counted(produce, bar):
