@@ -24,7 +24,7 @@ import torch
 from lag_ds.checkpoint.formats import detect_format, read_checkpoint_info
 from lag_ds.checkpoint.grow import grow_checkpoint
 from lag_ds.checkpoint.manifest import verify_manifest
-from lag_ds.checkpoint.megatron_dist import TorchDistCheckpoint
+from lag_ds.checkpoint.megatron_dist import TorchDistCheckpoint, grow_torch_dist_checkpoint
 from lag_ds.checkpoint.megatron_layout import random_layer_param
 from lag_ds.growth import parse_operator, plan_growth
 
@@ -66,7 +66,10 @@ def sources(tmp_path_factory):
 
 def _grow(src: Path, dst: Path, init: str, **options):
     plan = plan_growth(parse_operator(f"k=1,i0=1,b=1,init={init}"), 2, seed=7)
-    manifest = grow_checkpoint(src, dst, plan, show_progress=False, **options)
+    if "reuse" in options:  # an API option, not a CLI one
+        manifest = grow_torch_dist_checkpoint(src, dst, plan, show_progress=False, **options)
+    else:
+        manifest = grow_checkpoint(src, dst, plan, show_progress=False, **options)
     assert verify_manifest(dst) == []
     return plan, manifest
 
@@ -77,10 +80,10 @@ def grown(sources, tmp_path_factory):
     zero and duplicate (from the TP=2 source) loaded at TP=1 in one process, random at TP=2."""
     root = tmp_path_factory.mktemp("grown")
     jobs = {"zero": (1, {}, 1), "random": (1, {"init_std": 0.02}, 2),
-            "duplicate": (2, {"optimizer_state": "copy"}, 1)}
+            "duplicate": (2, {"optimizer_state": "copy"}, 1), "zero-linked": (2, {"reuse": "link"}, 1)}
     out = {}
-    for init, (src_tp, options, _) in jobs.items():
-        out[init] = _grow(sources[src_tp][0], root / init, init, **options)
+    for name, (src_tp, options, _) in jobs.items():
+        out[name] = _grow(sources[src_tp][0], root / name, name.split("-")[0], **options)
     loads = []
     for tp in (1, 2):
         inits = [i for i, job in jobs.items() if job[2] == tp]
@@ -109,6 +112,15 @@ def _check_layers(loaded: dict, source: dict, plan, expect_new) -> None:
             expect_new(src, suffix, loaded, name, source)
 
 
+def _zero_new_layer(src_layer, suffix, loaded, name, source):
+    old = f"decoder.layers.{src_layer.old_index}.{suffix}"
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        if suffix in OUTPUT_PROJ:  # zeroed: value and moments
+            assert not loaded[key][name].any(), (key, name)
+        else:
+            assert torch.equal(loaded[key][name], source[key][old]), (key, name)
+
+
 def test_grow_zero_is_function_preserving_and_loads_with_optimizer_state(grown):
     plan, manifest, source, loaded = grown["zero"]
     assert manifest["kind"] == "megatron-torch-dist"
@@ -118,16 +130,20 @@ def test_grow_zero_is_function_preserving_and_loads_with_optimizer_state(grown):
     assert "decoder.layers.mlp.linear_fc2._extra_state/shard_2_3" in grown_ck.objects
     assert not any(k.endswith("_2") for k in grown_ck.objects)  # every object re-keyed
 
-    def new_layer(src_layer, suffix, loaded, name, source):
-        old = f"decoder.layers.{src_layer.old_index}.{suffix}"
-        for key in ("params", "exp_avg", "exp_avg_sq"):
-            if suffix in OUTPUT_PROJ:  # zeroed: value and moments
-                assert not loaded[key][name].any(), (key, name)
-            else:
-                assert torch.equal(loaded[key][name], source[key][old]), (key, name)
-
-    _check_layers(loaded, source, plan, new_layer)
+    _check_layers(loaded, source, plan, _zero_new_layer)
     assert torch.equal(loaded["logits"], source["logits"])  # identity block: bit-identical
+
+
+def test_grow_by_reference_hard_links_the_source_and_loads_the_same(grown, sources):
+    """reuse='link' (TP=2 source: two chunks per layer row): megatron loads the same tensors the
+    plan asks for, and the grown directory shares the source's data files."""
+    plan, manifest, source, loaded = grown["zero-linked"]
+    _check_layers(loaded, source, plan, _zero_new_layer)
+    src, dst = sources[2][0], grown["root"] / "zero-linked"
+    linked = manifest["extra"]["hard_linked_files"]
+    assert linked and all((dst / n).stat().st_ino == (src / n).stat().st_ino for n in linked)
+    fresh = (dst / "__lag_grown.distcp").stat().st_size
+    assert fresh < sum((src / n).stat().st_size for n in linked) / 4  # only the new rows
 
 
 def test_grow_random_loads_at_tp2(grown):
