@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python tools/grow_checkpoint.py",
         description="Grow an L-layer checkpoint into L+k layers with one growth operator (LAG paper, "
         "section 2.1), including the optimizer state, working directly on sharded DeepSpeed ZeRO 0/1/2 x "
-        "TP files, DeepSpeed pipeline layer files (PP x TP x DP) or Hugging Face safetensors shards. The source is never modified.",
+        "TP files, DeepSpeed pipeline layer files (PP x TP x DP), megatron-core torch_dist checkpoints or Hugging Face safetensors shards. The source is never modified.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, help="DeepSpeed checkpoint dir (with 'latest') or tag dir, or a HF model dir")
+    p.add_argument("--src", type=Path, help="DeepSpeed checkpoint dir (with 'latest') or tag dir, a HF model dir, or a "
+                   "megatron-core torch_dist dir (--dry-run names the format it found)")
     p.add_argument("--dst", type=Path, help="output directory; must not exist")
     p.add_argument("--op", help='growth operator, e.g. "k=4,i0=4,b=2,init=duplicate" (omit to only reshard)')
     p.add_argument("--index-base", type=int, choices=(0, 1), default=None,

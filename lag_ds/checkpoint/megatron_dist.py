@@ -43,6 +43,8 @@ import json
 import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +210,8 @@ class TorchDistCheckpoint:
         md = self.tensors[key]
         out = {key: torch.empty(md.size, dtype=md.properties.dtype)}
         try:
-            load(out, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+            with _single_process():
+                load(out, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise ValueError(f"{self.path}: tensor {key} cannot be read ({type(exc).__name__}: "
@@ -333,8 +336,9 @@ def grow_torch_dist_checkpoint(src: Path, dst: Path, plan: GrowthPlan, *,
         if reuse == "link":
             linked = _write_by_reference(ck, out, state, by_suffix, init_std, new_layers, plan)
         else:
-            save(state, storage_writer=FileSystemWriter(str(out), thread_count=1),
-                 planner=_LazyPlanner(counted, raw), no_dist=True)
+            with _single_process():
+                save(state, storage_writer=FileSystemWriter(str(out), thread_count=1),
+                     planner=_LazyPlanner(counted, raw), no_dist=True)
         bar.close()
         shutil.copyfile(ck.path / "metadata.json", out / "metadata.json")
         if common is None:
@@ -458,6 +462,14 @@ def _write_by_reference(ck: TorchDistCheckpoint, out: Path, state: dict[str, Any
     with open(out / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
     return files
+
+
+@contextmanager
+def _single_process():
+    """DCP warns on every ``no_dist`` call that it assumes one process; here that is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _counted(produce, bar):
