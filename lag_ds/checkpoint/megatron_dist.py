@@ -4,24 +4,27 @@ Why: ``torch_dist`` is what Megatron-LM writes by default. It stores *global* te
 PyTorch Distributed Checkpoint key per parameter, chunks written by whichever rank owned them),
 and ``TransformerBlock.sharded_state_dict`` stacks the transformer layers along a leading layer
 axis: ``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, 3h, h]``. Depth growth
-therefore changes *global shapes*; nothing can be renamed or linked per layer, every stacked
-tensor is rewritten with ``L + k`` rows. Because the stored tensors are global, the output is
-independent of TP and DP: megatron-core reshards on load (``dist_checkpointing.load`` with the
-deeper model's ``sharded_state_dict`` at any TP/DP).
+therefore changes *global shapes*: no file can be reused as it is, because every data file holds
+rows of many stacked tensors. Either every stacked tensor is rewritten with ``L + k`` rows
+(``reuse="rewrite"``, the default), or the new chunk table points back into the source's bytes
+(``reuse="link"``, see :func:`_write_by_reference`). Because the stored tensors are global, the
+output is independent of TP and DP: megatron-core reshards on load (``dist_checkpointing.load``
+with the deeper model's ``sharded_state_dict`` at any TP/DP).
 
 Layout read here (a directory, or a Megatron-LM run directory whose
 ``latest_checkpointed_iteration.txt`` names ``iter_NNNNNNN``)::
 
     metadata.json       {"sharded_backend": "torch_dist", ...}   copied
     common.pt           non-sharded state; ``args.num_layers`` updated when present
-    .metadata           DCP metadata (global shapes, chunk -> file offsets)   rewritten by DCP
-    __R_I.distcp        tensor and object bytes                               rewritten
+    .metadata           DCP metadata (global shapes, chunk -> file offsets)   rewritten
+    __R_I.distcp        tensor and object bytes            rewritten (one file per item) or linked
 
 Keys (the layer table of this format, :data:`STACKED`): ``{prefix}decoder.layers.{suffix}``
 whose leading dimension is the layer count is a stacked layer tensor. ``prefix`` is empty for
-model parameters and ``optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.`` for the optimizer state
-megatron-core's non-distributed optimizers and the ``fully_sharded_model_space`` distributed
-optimizer format write (same global shapes as the parameters). Per-layer *objects*
+model parameters and ``optimizer.state.{exp_avg,exp_avg_sq,param,fp32_param}.`` for optimizer
+state with the parameters' global shapes (megatron-core's non-distributed optimizers write it;
+the distributed optimizer's ``fully_sharded_model_space`` uses the same names, but stores N-D
+flattened shards that this module refuses, see below). Per-layer *objects*
 (``..._extra_state/shard_{layer}_{L}``) carry the layer count in their key; they are re-keyed
 and their bytes copied from the source layer, unpickled never. Everything else is copied.
 
@@ -31,9 +34,10 @@ copies bit for bit, ``zero`` output projections (values and moments), ``random``
 
 Memory: one source tensor (all ``L`` layers of one name) and its grown ``L + k`` counterpart at a
 time; the DCP writer asks this module for each tensor when it writes it (:class:`_LazyPlanner`).
-Not handled: the distributed optimizer's default ``dp_reshardable`` format (flat per-DP-rank
-buffers with no layer structure; refused by name) and pipeline-parallel layer offsets beyond
-the stacked axis (megatron stores PP stages in the same global axis, so they are covered).
+Not handled (refused with a one-line error, never grown wrongly): distributed-optimizer state,
+whether ``dp_reshardable`` (flat per-DP-rank buffers, no layer structure) or N-D flattened
+``fully_sharded_model_space`` shards (``mcore_data`` in ``.metadata``); megatron-core's
+DistributedOptimizer needs CUDA, so no such checkpoint could be made on this CPU machine.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ STACKED = re.compile(r"^(?P<prefix>(?:optimizer\.state\.[A-Za-z0-9_]+\.)?)decode
 LAYER_OBJECT = re.compile(r"^(?P<base>(?:.*\.)?decoder\.layers\.[^/]+)/shard_(?P<layer>\d+)_"
                           r"(?P<count>\d+)$")
 """A per-layer ShardedObject (``_extra_state``): megatron keys it by layer index and count."""
-VALUE_PREFIXES = ("", "optimizer.state.fp32_param.")
+VALUE_PREFIXES = ("", "optimizer.state.param.", "optimizer.state.fp32_param.")
+"""Stacked values: the model's, the distributed optimizer's main param
+(``fully_sharded_model_space``) and the float16 optimizer's fp32 copy."""
 MOMENT_PREFIXES = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
 _TABLE = TABLES["megatron-core-gpt"]
 
@@ -133,6 +139,10 @@ class TorchDistCheckpoint:
         except Exception as exc:  # truncated / corrupt pickle
             raise ValueError(f"{resolved / '.metadata'}: cannot be read ({type(exc).__name__}: "
                              f"{str(exc)[:120]})") from None
+        if getattr(self.metadata, "mcore_data", None):
+            raise ValueError(f"{resolved / '.metadata'}: holds N-D flattened tensors (mcore_data: "
+                             "the distributed optimizer's flat shards); growing them is not "
+                             "supported")
         self.tensors: dict[str, TensorStorageMetadata] = {}
         self.objects: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -337,7 +347,11 @@ def grow_torch_dist_checkpoint(src: Path, dst: Path, plan: GrowthPlan, *,
             linked = _write_by_reference(ck, out, state, by_suffix, init_std, new_layers, plan)
         else:
             with _single_process():
-                save(state, storage_writer=FileSystemWriter(str(out), thread_count=1),
+                # one file per item: DCP keeps every tensor of a file alive until the file is
+                # closed (tensor_dict in _write_files_from_queue), so one file would hold the
+                # whole grown checkpoint in memory
+                writer = FileSystemWriter(str(out), thread_count=1, single_file_per_rank=False)
+                save(state, storage_writer=writer,
                      planner=_LazyPlanner(counted, raw), no_dist=True)
         bar.close()
         shutil.copyfile(ck.path / "metadata.json", out / "metadata.json")
