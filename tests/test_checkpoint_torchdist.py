@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -204,7 +205,16 @@ def test_cli_names_the_format_and_refuses_bad_input_in_one_line(sources, tmp_pat
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
     (broken / ".metadata").write_bytes((broken / ".metadata").read_bytes()[:100])
+    flat = tmp_path / "flat"  # as if a distributed optimizer had stored N-D flattened shards
+    shutil.copytree(src, flat)
+    with open(flat / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    metadata.mcore_data = {"optimizer.state.exp_avg.x": {"nd_reformulated_orig_global_shape": ()}}
+    with open(flat / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
     cases = [
+        (["--src", str(flat), "--dst", str(tmp_path / "c"), "--op", "k1-i1-b1-zero"],
+         "N-D flattened tensors"),
         (["--src", str(src), "--dst", str(tmp_path / "a"), "--op", "k1-i1-b1-zero",
           "--target-tp", "2"], "--target-tp does not apply to megatron-torch-dist"),
         (["--src", str(broken), "--dst", str(tmp_path / "b"), "--op", "k1-i1-b1-zero"],
@@ -215,7 +225,7 @@ def test_cli_names_the_format_and_refuses_bad_input_in_one_line(sources, tmp_pat
     for argv, message in cases:
         code, out, err = _cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 def test_sources_untouched(sources):
