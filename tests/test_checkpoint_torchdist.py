@@ -147,6 +147,22 @@ def test_grow_by_reference_hard_links_the_source_and_loads_the_same(grown, sourc
     assert fresh < sum((src / n).stat().st_size for n in linked) / 4  # only the new rows
 
 
+def test_a_grown_checkpoint_grows_again_but_not_by_reference(grown, tmp_path):
+    """lag_ds's rewrite stores each stacked tensor as one chunk: growing it again works (3 -> 4),
+    referencing its rows does not (one chunk spans all layers) and is refused before writing."""
+    first = grown["root"] / "zero"
+    plan = plan_growth(parse_operator("k=1,i0=0,b=1,init=duplicate"), 3, seed=1)
+    with pytest.raises(ValueError, match="chunk spanning layers"):
+        grow_torch_dist_checkpoint(first, tmp_path / "linked", plan, show_progress=False,
+                                   reuse="link")
+    assert not (tmp_path / "linked").exists()
+    grow_torch_dist_checkpoint(first, tmp_path / "again", plan, show_progress=False)
+    a, b = TorchDistCheckpoint(first), TorchDistCheckpoint(tmp_path / "again")
+    key = "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc2.weight"
+    old, new = a.read(key), b.read(key)
+    assert b.num_layers == 4 and torch.equal(new, torch.cat([old[:1], old]))
+
+
 def test_grow_random_loads_at_tp2(grown):
     plan, _, source, loaded = grown["random"]
 
