@@ -94,7 +94,7 @@ def test_zero_random_output_projections_are_zero_on_the_zero_path():
 
 def test_registry_sniffs_formats_and_names_options_it_cannot_honour(tmp_path):
     assert [f.name for f in formats()] == ["hf-safetensors", "deepspeed-pipe", "deepspeed-universal",
-                                           "deepspeed-zero3", "deepspeed"]
+                                           "deepspeed-zero3", "deepspeed", "megatron-torch-dist"]
     hf = next(f for f in formats() if f.name == "hf-safetensors")
     with pytest.raises(ValueError, match="--target-tp does not apply to hf-safetensors checkpoints"):
         check_options(hf, {"target_tp": 2, "optimizer_state": None})

@@ -37,6 +37,9 @@ output: ZeRO-1/2 sources give DeepSpeed's universal layout (load with {"checkpoi
   target TP; DeepSpeed PipelineModule sources (layer_XX-*model_states.pt: Megatron-DeepSpeed, GPT-NeoX)
   give renumbered layer files (hard links where unchanged) plus universal optimizer state keyed by
   pipe parameter names (loads at any PP and DP degree); Hugging Face sources give sharded safetensors.
+  megatron-core torch_dist sources (metadata.json + .metadata + *.distcp, or a Megatron-LM directory
+  with latest_checkpointed_iteration.txt) give a torch_dist checkpoint whose stacked layer tensors
+  have L+k rows (model and optimizer.state.*); it loads at any TP/DP. --dry-run names the format.
   An option a format cannot honour (e.g. --optimizer-state on HF) is an error. A manifest.json is written last; the
   destination appears only when complete. Exit codes: 0 ok, 1 verification failed, 2 bad input.
 """
@@ -49,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python tools/grow_checkpoint.py",
         description="Grow an L-layer checkpoint into L+k layers with one growth operator (LAG paper, "
         "section 2.1), including the optimizer state, working directly on sharded DeepSpeed ZeRO 0/1/2 x "
-        "TP files, DeepSpeed pipeline layer files (PP x TP x DP) or Hugging Face safetensors shards. The source is never modified.",
+        "TP files, DeepSpeed pipeline layer files (PP x TP x DP), megatron-core torch_dist checkpoints or Hugging Face safetensors shards. The source is never modified.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, help="DeepSpeed checkpoint dir (with 'latest') or tag dir, or a HF model dir")
+    p.add_argument("--src", type=Path, help="DeepSpeed checkpoint dir (with 'latest') or tag dir, a HF model dir, or a "
+                   "megatron-core torch_dist dir (--dry-run names the format it found)")
     p.add_argument("--dst", type=Path, help="output directory; must not exist")
     p.add_argument("--op", help='growth operator, e.g. "k=4,i0=4,b=2,init=duplicate" (omit to only reshard)')
     p.add_argument("--index-base", type=int, choices=(0, 1), default=None,
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lag_ds.checkpoint.grow import grow_checkpoint, source_num_layers
+    from lag_ds.checkpoint.formats import read_checkpoint_info
+    from lag_ds.checkpoint.grow import grow_checkpoint
     from lag_ds.checkpoint.manifest import verify_manifest
     from lag_ds.growth import parse_operator, parse_space, plan_growth
 
@@ -124,12 +129,15 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--src is required")
     else:
         _check_paths(args)
-        num_layers = source_num_layers(args.src, unsafe_load=args.unsafe_load)
+        info = read_checkpoint_info(args.src, unsafe_load=args.unsafe_load)
+        num_layers = info.num_layers
     plan = None
     if args.op:
         op = parse_operator(args.op, index_base=args.index_base, num_layers=num_layers)
         plan = plan_growth(op, num_layers, seed=args.seed)
     if args.dry_run:
+        if args.src is not None and not args.json:  # the sniffed format, before the plan
+            print(f"source: {info.format}, {info.num_layers} layers, step {info.step} ({info.path})")
         if plan is None:
             print(f"no --op: reshard only ({num_layers} layers)")
         else:

@@ -198,3 +198,33 @@ register(Format("deepspeed-zero3", lambda p: import_module(_z3).sniff(p),
                 why_not="ZeRO-3 output is TP=1 (universal layout, loads at any DP)",
                 open=lambda p, **kw: import_module(_z3).open_reader(p, **kw)))
 register(Format("deepspeed", _zero_sniff, _zero_info, _zero_grow, _DS_OPTIONS, open=_zero_open))
+
+
+# ---------------------------------------------------------------- megatron-core torch_dist
+def _torch_dist_info(path: Path, *, unsafe_load: bool = False) -> CheckpointInfo:
+    from lag_ds.checkpoint.megatron_dist import TorchDistCheckpoint
+
+    return TorchDistCheckpoint(path, unsafe_load=unsafe_load).info()
+
+
+def _torch_dist_grow(src, dst, plan, *, show_progress=True, **options):
+    from lag_ds.checkpoint.megatron_dist import grow_torch_dist_checkpoint
+
+    return grow_torch_dist_checkpoint(src, dst, plan, show_progress=show_progress, **options)
+
+
+def _torch_dist_open(path: Path, *, unsafe_load: bool = False):
+    from lag_ds.checkpoint.megatron_dist import TorchDistCheckpoint
+
+    return TorchDistCheckpoint(path, unsafe_load=unsafe_load)
+
+
+def _torch_dist_sniff(path: Path) -> bool:
+    from lag_ds.checkpoint.megatron_dist import is_torch_dist
+
+    return is_torch_dist(path)
+
+
+register(Format("megatron-torch-dist", _torch_dist_sniff, _torch_dist_info, _torch_dist_grow,
+                frozenset({"optimizer_state", "init_std", "unsafe_load"}), open=_torch_dist_open,
+                why_not="torch_dist stores global tensors: the output loads at any TP/DP as is"))
