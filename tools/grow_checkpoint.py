@@ -26,6 +26,15 @@ examples:
   python tools/grow_checkpoint.py --src runs/base/checkpoints --dst grown/tp2 --op k4-i4-b2-duplicate --target-tp 2
   # only reshard (no growth): e.g. a ZeRO-2 TP=2 checkpoint for TP=1
   python tools/grow_checkpoint.py --src runs/base/checkpoints --dst resharded --target-tp 1
+  # the same command for every format; the tool names the one it found (first line of output):
+  #   a ZeRO-3 run (zero_pp_rank_<d>_mp_rank_00_*.pt per DP rank), TP=1
+  python tools/grow_checkpoint.py --src runs/base_zero3/checkpoints --dst grown/z3 --op k4-i4-b2-duplicate
+  #   DeepSpeed pipeline layer files (Megatron-DeepSpeed, GPT-NeoX)
+  python tools/grow_checkpoint.py --src neox/global_step1000 --dst grown/pipe --op k=4,i0=8,b=4,init=duplicate
+  #   a Hugging Face model directory (safetensors shards)
+  python tools/grow_checkpoint.py --src hf/llama-1b --dst hf/llama-1b-grown --op k=4,i0=12,b=4,init=zero
+  #   megatron-core torch_dist (dist_checkpointing.save, or a Megatron-LM run directory)
+  python tools/grow_checkpoint.py --src megatron_run --dst grown/mcore --op k=4,i0=8,b=4,init=duplicate
   # print the plan and exit; list the paper's 12->16 design space
   python tools/grow_checkpoint.py --src runs/base/checkpoints --op "k=4,i1=5,b=4,init=random" --dry-run
   python tools/grow_checkpoint.py --list-space --num-layers 12 --num-new-layers 4 --space paper
@@ -33,13 +42,15 @@ examples:
   python tools/grow_checkpoint.py --verify grown/k4-i4-b2
 
 output: ZeRO-1/2 sources give DeepSpeed's universal layout (load with {"checkpoint": {"load_universal": true}};
-  python -m lag_ds.train does this by itself for init_from); ZeRO-0 sources give native files for the
+  python -m lag_ds.train does this by itself for init_from); ZeRO-3 sources give the same universal
+  layout (TP=1; stock ZeRO-3 loads it at any DP degree); ZeRO-0 sources give native files for the
   target TP; DeepSpeed PipelineModule sources (layer_XX-*model_states.pt: Megatron-DeepSpeed, GPT-NeoX)
   give renumbered layer files (hard links where unchanged) plus universal optimizer state keyed by
   pipe parameter names (loads at any PP and DP degree); Hugging Face sources give sharded safetensors.
   megatron-core torch_dist sources (metadata.json + .metadata + *.distcp, or a Megatron-LM directory
   with latest_checkpointed_iteration.txt) give a torch_dist checkpoint whose stacked layer tensors
-  have L+k rows (model and optimizer.state.*); it loads at any TP/DP. --dry-run names the format.
+  have L+k rows (model and optimizer.state.*); it loads at any TP/DP. The first line of output names
+  the format found.
   An option a format cannot honour (e.g. --optimizer-state on HF) is an error. A manifest.json is written last; the
   destination appears only when complete. Exit codes: 0 ok, 1 verification failed, 2 bad input.
 """
@@ -135,9 +146,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.op:
         op = parse_operator(args.op, index_base=args.index_base, num_layers=num_layers)
         plan = plan_growth(op, num_layers, seed=args.seed)
+    if args.src is not None and not args.json:  # the sniffed format, before anything else
+        print(f"source: {info.format}, {info.num_layers} layers, step {info.step} ({info.path})",
+              flush=True)
     if args.dry_run:
-        if args.src is not None and not args.json:  # the sniffed format, before the plan
-            print(f"source: {info.format}, {info.num_layers} layers, step {info.step} ({info.path})")
         if plan is None:
             print(f"no --op: reshard only ({num_layers} layers)")
         else:
