@@ -56,8 +56,9 @@ def zero3_tag_dir(path: Path) -> Path | None:
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and "/" not in tag and (path / tag).is_dir():
+        # A sniffer never raises: a garbage pointer is the DeepSpeed reader's error to report.
+        tag = latest.read_bytes().decode("utf-8", "replace").strip()
+        if tag and "/" not in tag and "\x00" not in tag and (path / tag).is_dir():
             if any(MODEL_FILE.match(p.name) for p in (path / tag).iterdir()):
                 return path / tag
     return None
