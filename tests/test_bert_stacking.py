@@ -18,14 +18,8 @@ import pytest
 import yaml
 from conftest import REPO, deepspeed_env
 
-SCHEDULE = """train_config: {train}
-initial_layers: 1
-eval_interval: 2
-stages:
-  - {{steps: 6}}
-  - {{steps: 6, num_new_layers: 1, k: 2, space: "starts0=0;blocks=1;inits=duplicate,random"}}
-  - {{steps: 6, num_new_layers: 1, k: 2, space: "starts0=0,1;blocks=1;inits=duplicate"}}
-"""
+# The GPT adaptive-stacking test's schedule (1 -> 2 -> 3 layers), here with the bert-mlm config.
+from test_adaptive_end_to_end import SCHEDULE, val
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +39,6 @@ def run(tmp_path_factory):
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "stdout": proc.stdout}
-
-
-def val(path: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    return {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
 
 
 def test_each_bert_stage_races_and_keeps_the_lowest_mlm_loss(run):

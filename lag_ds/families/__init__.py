@@ -29,6 +29,19 @@ _MODULES = {"gpt-ul2": "lag_ds.families.gpt_ul2", "bert-mlm": "lag_ds.families.b
 FAMILY_NAMES = tuple(_MODULES)
 
 
+class PresetLookup:
+    """``get_preset`` for a family class with ``name`` and ``presets`` (every family shares it)."""
+
+    name: str
+    presets: dict[str, Any]
+
+    def get_preset(self, name: str) -> Any:
+        if name not in self.presets:
+            raise ValueError(f"unknown model preset {name!r} for family {self.name}; "
+                             f"choose from {sorted(self.presets)}")
+        return self.presets[name]
+
+
 class Family(Protocol):
     name: str
     layer_table: str

@@ -27,6 +27,7 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
+from lag_ds.families import PresetLookup
 from lag_ds.model.presets import ModelConfig
 
 BERT_VOCAB = 30_522  # Devlin et al.'s uncased WordPiece vocabulary
@@ -74,16 +75,10 @@ def _model_class() -> type:
     return LagBertModel
 
 
-class BertMlmFamily:
+class BertMlmFamily(PresetLookup):
     name = "bert-mlm"
     layer_table = "megatron-core-bert"
     presets = PRESETS
-
-    def get_preset(self, name: str) -> ModelConfig:
-        if name not in self.presets:
-            raise ValueError(f"unknown model preset {name!r} for family {self.name}; "
-                             f"choose from {sorted(self.presets)}")
-        return self.presets[name]
 
     def num_parameters(self, cfg: ModelConfig, vocab_size: int) -> int:
         """Exact count of the BertModel :meth:`build_model` builds (tied embeddings, biases)."""

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lag_ds.families import PresetLookup
 from lag_ds.model.presets import PRESETS, ModelConfig
 
 
-class GptUl2Family:
+class GptUl2Family(PresetLookup):
     name = "gpt-ul2"
     layer_table = "megatron-core-gpt"
     presets = PRESETS
-
-    def get_preset(self, name: str) -> ModelConfig:
-        if name not in self.presets:
-            raise ValueError(f"unknown model preset {name!r} for family {self.name}; "
-                             f"choose from {sorted(self.presets)}")
-        return self.presets[name]
 
     def num_parameters(self, cfg: ModelConfig, vocab_size: int) -> int:
         return cfg.num_parameters(vocab_size)
