@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -132,6 +134,13 @@ def run_sampled(cmd: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_bytes": peak["rss"], "peak_rss_anon_bytes": peak["anon"], "stdout": out.strip()}
 
 
+def _prepare_cache(mode: str) -> None:
+    """``cold``: write back dirty pages and drop the page cache, so the next command reads from disk."""
+    if mode == "cold":
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def du(path: Path) -> int:
     from lag_ds.checkpoint.universal_links import disk_usage
 
@@ -151,44 +160,81 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dp", type=int, default=4)
     p.add_argument("--op", default="k=4,i0=4,b=2,init=duplicate")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="interleaved cp / grow trials (the disk of a shared VM varies 2-3x between "
+                        "minutes); medians are reported, and every trial's figures")
+    p.add_argument("--cache", choices=("cold", "as-is"), default="cold" if os.geteuid() == 0 else "as-is",
+                   help="cold: sync and drop the page cache before every timed command (needs root; "
+                        "the default as root), so cp and grow both read the source from disk; "
+                        "as-is: leave the cache alone (the source is partly cached after synthesis)")
+    p.add_argument("--src", type=Path, default=None,
+                   help="reuse a synthetic source written by an earlier --keep run (its shape "
+                        "arguments are then ignored)")
     args = p.parse_args(argv)
     emit = keep_stdout_for_json()  # DeepSpeed prints to stdout; the JSON alone goes there
 
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
-    src = args.workdir / "src"
-    t0 = time.perf_counter()
-    write_synthetic(src, layers=args.layers, h=args.hidden, f=args.ffn, vocab=args.vocab, seq=args.seq,
-                    tp=args.tp, dp=args.dp, step=300_000)
-    make_s = time.perf_counter() - t0
+    if args.src is not None:
+        src, make_s = args.src.resolve(), None
+        if not (src / "latest").is_file():
+            raise SystemExit(f"--src {src}: not a synthetic source (no 'latest')")
+        for name in ("copy", "grown"):
+            shutil.rmtree(args.workdir / name, ignore_errors=True)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        if args.workdir.exists():
+            shutil.rmtree(args.workdir)
+        args.workdir.mkdir(parents=True)
+        src = args.workdir / "src"
+        t0 = time.perf_counter()
+        write_synthetic(src, layers=args.layers, h=args.hidden, f=args.ffn, vocab=args.vocab, seq=args.seq,
+                        tp=args.tp, dp=args.dp, step=300_000)
+        make_s = time.perf_counter() - t0
     files = [f for f in src.rglob("*.pt")]
     largest = max(f.stat().st_size for f in files)
     subprocess.run(["sync"], check=True)
 
-    t0 = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(args.workdir / "copy")], check=True)
-    subprocess.run(["sync"], check=True)
-    cp_s = time.perf_counter() - t0
-    shutil.rmtree(args.workdir / "copy")
+    cp_times, grow_times, grows = [], [], []
+    for trial in range(args.repeat):  # interleaved, so both see the same disk and page cache moods
+        _prepare_cache(args.cache)
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "-r", str(src), str(args.workdir / "copy")], check=True)
+        subprocess.run(["sync"], check=True)
+        cp_times.append(time.perf_counter() - t0)
+        shutil.rmtree(args.workdir / "copy")
+        subprocess.run(["sync"], check=True)
 
-    grow = run_sampled([sys.executable, str(REPO / "tools/grow_checkpoint.py"), "--src", str(src),
-                        "--dst", str(args.workdir / "grown"), "--op", args.op, "--no-progress"])
+        shutil.rmtree(args.workdir / "grown", ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        _prepare_cache(args.cache)
+        grow = run_sampled([sys.executable, str(REPO / "tools/grow_checkpoint.py"), "--src", str(src),
+                            "--dst", str(args.workdir / "grown"), "--op", args.op, "--no-progress"])
+        t0 = time.perf_counter()
+        subprocess.run(["sync"], check=True)
+        grow["wall_s_incl_sync"] = grow["wall_s"] + time.perf_counter() - t0
+        grow_times.append(grow["wall_s_incl_sync"])
+        grows.append(grow)
     baseline = run_sampled([sys.executable, "-c", "import time, torch, deepspeed, lag_ds.checkpoint.deepspeed_grow; "
                             "import lag_ds.checkpoint.grow; time.sleep(0.5)"])
-    t0 = time.perf_counter()
-    subprocess.run(["sync"], check=True)
-    grow["wall_s_incl_sync"] = grow["wall_s"] + time.perf_counter() - t0
+    grow = max(grows, key=lambda g: g["peak_rss_anon_bytes"])
+    cp_s = statistics.median(cp_times)
+    ratios = [g / c for g, c in zip(grow_times, cp_times)]
     report = {
         "benchmark": "grow_checkpoint",
         "source": {"layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "vocab": args.vocab,
                    "zero_stage": 2, "tp": args.tp, "dp": args.dp, "files": len(files),
                    "bytes": du(src), "largest_shard_bytes": largest, "synthesis_s": make_s},
         "op": args.op,
+        "cache": args.cache,
+        "trials": args.repeat,
         "cp_r_s_incl_sync": cp_s,
-        "grow": {k: v for k, v in grow.items() if k != "stdout"},
+        "cp_r_s_trials": [round(t, 2) for t in cp_times],
+        "grow": {"wall_s_incl_sync": statistics.median(grow_times),
+                 "wall_s_incl_sync_trials": [round(t, 2) for t in grow_times],
+                 "peak_rss_bytes": max(g["peak_rss_bytes"] for g in grows),
+                 "peak_rss_anon_bytes": grow["peak_rss_anon_bytes"]},
         "grown_bytes": du(args.workdir / "grown"),
-        "grow_over_cp": grow["wall_s_incl_sync"] / cp_s,
+        "grow_over_cp": statistics.median(grow_times) / cp_s,
+        "grow_over_cp_trials": [round(r, 2) for r in ratios],
         "import_baseline_rss_anon_bytes": baseline["peak_rss_anon_bytes"],
         "peak_rss_anon_over_largest_shard": grow["peak_rss_anon_bytes"] / largest,
         "peak_rss_anon_above_baseline_over_largest_shard":
@@ -197,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     emit(report)
     if not args.keep:
-        shutil.rmtree(args.workdir)
+        shutil.rmtree(args.workdir / "grown", ignore_errors=True)
+        if args.src is None:
+            shutil.rmtree(args.workdir)
     return report
 
 

@@ -45,6 +45,7 @@ from lag_ds.checkpoint.megatron_layout import (
     split_tp,
 )
 from lag_ds.checkpoint.recipes import OPTIMIZER_STATE_POLICIES, TensorKey, plan_recipes
+from lag_ds.checkpoint.writer import PipelinedWriter
 from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
@@ -109,8 +110,9 @@ def fresh_value(dest: Destination, shape: tuple[int, ...], *, std: float, num_la
 
 
 def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: str, std: float,
-           num_layers: int) -> torch.Tensor:
-    """One full (TP-merged) tensor of a destination: its fp32 value or one Adam moment.
+           num_layers: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One full (TP-merged) tensor of a destination: its fp32 value or one Adam moment (in
+    ``out``, a reused buffer of the right size, where given and the reader takes one).
 
     One key at a time keeps peak memory at about one full tensor (plus its TP shards): a 256k x
     2048 embedding's value and two moments are 6 GB together, 2 GB apart.
@@ -118,10 +120,10 @@ def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: st
     shape = ckpt.full_shapes[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
     rule = value_rule(dest) if key == "fp32" else moments_rule(dest, policy)
     if rule == "copy":
-        return ckpt.full_value(dest.source, key)
-    if key == "fp32":
+        return ckpt.full_value(dest.source, key) if out is None else ckpt.full_value(dest.source, key, out=out)
+    if key == "fp32" and rule == "random":
         return fresh_value(dest, shape, std=std, num_layers=num_layers)
-    return torch.zeros(shape)
+    return torch.zeros(shape) if out is None else out.view(shape).zero_()
 
 
 def _values(ckpt: DeepSpeedCheckpoint, dest: Destination, *, policy: str, std: float,
@@ -201,28 +203,34 @@ def _estimate_bytes(ckpt: DeepSpeedCheckpoint, dests: list[Destination], *, tp: 
 
 def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Destination], *, policy: str,
                      std: float, num_layers: int, bar: Any, hasher: BackgroundHasher) -> None:
-    """One folder per parameter; each tensor is gathered in one copy (``gather.py``), saved,
-    then hashed and fsynced in the background while the next one is gathered."""
+    """One folder per parameter; each tensor is gathered in one copy (``gather.py``) while the
+    previous one is saved (``writer.py``), then hashed and fsynced in the background."""
     zero_dir = tag_dir / "zero"
     zero_dir.mkdir()
     step = torch.tensor(ckpt.step)
-    for dest in dests:
-        rule = ckpt.rules[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
-        folder = zero_dir / dest.name
-        folder.mkdir()
-        meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
-        if rule.num_sub_params > 1:
-            meta["param_n_sub_params"] = rule.num_sub_params
-        for key in ("fp32", *STATE_KEYS):
-            tensor = _value(ckpt, dest, key, policy=policy, std=std, num_layers=num_layers)
-            torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
-            hasher.add(folder / f"{key}.pt")
-            del tensor
-            fault_point(f"deepspeed.{key}_written", folder)
-        torch.save(step.clone(), folder / "step.pt")
-        hasher.add(folder / "step.pt")
-        fault_point("deepspeed.param_written", folder)
-        bar.update(1)
+    layer_name = ckpt.layer_table.layer_name
+    largest = max(math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests) * 4
+    with PipelinedWriter(budget_bytes=largest, save=hasher.save) as writer:
+        for dest in dests:
+            shape = ckpt.full_shapes[dest.source or layer_name(0, dest.suffix)]
+            rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+            folder = zero_dir / dest.name
+            folder.mkdir()
+            meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
+            if rule.num_sub_params > 1:
+                meta["param_n_sub_params"] = rule.num_sub_params
+            for key in ("fp32", *STATE_KEYS):
+                copies = (value_rule(dest) if key == "fp32" else moments_rule(dest, policy)) == "copy"
+                writer.save(
+                    folder / f"{key}.pt",
+                    lambda out, dest=dest, key=key: {"param": _value(
+                        ckpt, dest, key, policy=policy, std=std, num_layers=num_layers,
+                        out=out).contiguous(), **meta},
+                    nbytes=math.prod(shape) * 4,
+                    prefetch=(lambda dest=dest, key=key: ckpt.prefetch(dest.source, key)) if copies else None,
+                    after=lambda path, key=key: fault_point(f"deepspeed.{key}_written", path.parent))
+            writer.save(folder / "step.pt", lambda _: step.clone(),
+                        after=lambda path: (fault_point("deepspeed.param_written", path.parent), bar.update(1)))
     groups = [dict(g, params=[]) for g in ckpt.param_groups()]
     torch.save({**ckpt.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
     fault_point("deepspeed.optimizer_state_written", zero_dir)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from lag_ds.checkpoint.deepspeed_source import Fragment
-from lag_ds.checkpoint.gather import gather_full
+from lag_ds.checkpoint.gather import gather_full, willneed
 from lag_ds.checkpoint.layer_tables import TABLES, LayerTable, family_of_layer_keys
 from lag_ds.checkpoint.megatron_layout import TpRule
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
@@ -310,15 +310,19 @@ class PipeCheckpoint:
         joined = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)  # never a view
         return joined.float().reshape(self.local_shapes[self.holder[(name, tp)]][name])
 
-    def value(self, name: str, key: str = "fp32") -> torch.Tensor:
-        """The TP-merged value, gathered in one copy (``gather.py``)."""
+    def prefetch(self, name: str, key: str = "fp32") -> None:
+        """Start reading what :meth:`value` will read for ``name`` (``gather.willneed``)."""
+        willneed(piece for t in range(self.tp) for piece in self._pieces(name, t, key))
+
+    def value(self, name: str, key: str = "fp32", *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The TP-merged value, gathered in one copy (``gather.py``), into ``out`` if given."""
         shapes = [self.local_shapes[self.holder[(name, t)]][name] for t in range(self.tp)]
         rule = self.tp_rule(name)
         full_shape = list(shapes[0])
         if rule.cat_dim is not None:
             full_shape[rule.cat_dim] = sum(s[rule.cat_dim] for s in shapes)
         return gather_full(tuple(full_shape), rule, shapes, lambda t: self._pieces(name, t, key),
-                           what=f"{self.tag_dir}: {name}")
+                           what=f"{self.tag_dir}: {name}", out=out)
 
     def layer_file(self, idx: int, tp: int) -> Path:
         return self.tag_dir / self.layer_files[idx][tp]

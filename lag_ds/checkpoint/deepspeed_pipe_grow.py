@@ -28,6 +28,7 @@ Old layers' values and moments are bit-identical; new ones follow :mod:`.recipes
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 from pathlib import Path
@@ -38,9 +39,10 @@ import torch
 from lag_ds.checkpoint.atomic import AtomicDirectory, check_free_space, stored_size
 from lag_ds.checkpoint.deepspeed_pipe import PIPE_NAME, STATE_KEYS, PipeCheckpoint
 from lag_ds.checkpoint.formats import check_destination, progress_bar
-from lag_ds.checkpoint.manifest import write_manifest
+from lag_ds.checkpoint.manifest import BackgroundHasher, write_manifest
 from lag_ds.checkpoint.megatron_layout import split_tp
 from lag_ds.checkpoint.recipes import TensorKey, TensorRecipe, plan_recipes, random_tensor
+from lag_ds.checkpoint.writer import PipelinedWriter
 from lag_ds.faults import fault_point
 from lag_ds.growth import GrowthPlan
 
@@ -97,18 +99,19 @@ def grow_pipe_checkpoint(src: Path, dst: Path, plan: GrowthPlan | None, *,
     dst.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(dst.parent, _estimate_bytes(ck, names, recipes, dst.parent), destination=dst)
     counts = {"hard_linked_files": 0, "copied_files": 0, "written_layer_files": 0}
-    with AtomicDirectory(dst) as tmp:
+    with AtomicDirectory(dst) as tmp, BackgroundHasher() as hasher:
         tag_dir = tmp / ck.tag
         (tag_dir / "zero").mkdir(parents=True)
         bar = progress_bar(show_progress, total=len(recipes), desc=f"grow {ck.tag}")
         _layer_files(ck, names, recipes, plan, tag_dir, std=init_std, num_layers=num_layers,
                      counts=counts)
-        _universal(ck, names, recipes, tag_dir / "zero", std=init_std, num_layers=num_layers, bar=bar)
+        _universal(ck, names, recipes, tag_dir / "zero", std=init_std, num_layers=num_layers, bar=bar,
+                   hasher=hasher)
         _model_states(ck, names, recipes, tag_dir, num_layers=num_layers)
         (tmp / UNIVERSAL_POINTER).write_text(ck.tag)
         bar.close()
         manifest = write_manifest(
-            tmp, kind=MANIFEST_KIND,
+            tmp, kind=MANIFEST_KIND, known_hashes=hasher.results(),
             source={"path": str(Path(src).resolve()), "tag": ck.tag, "format": ck.format,
                     "family": ck.family, "pp": ck.pp, "tp": ck.tp, "dp": ck.dp,
                     "bf16": ck.bf16, "zero_stage": ck.zero_stage, "num_layers": ck.num_layers,
@@ -208,26 +211,35 @@ def _fresh(ck: PipeCheckpoint, names: _Names, r: TensorRecipe, *, std: float,
 
 
 def _universal(ck: PipeCheckpoint, names: _Names, recipes: list[TensorRecipe], zero_dir: Path, *,
-               std: float, num_layers: int, bar: Any) -> None:
+               std: float, num_layers: int, bar: Any, hasher: BackgroundHasher) -> None:
+    """One folder per parameter, each tensor gathered while the previous one is saved, hashed
+    on the way out (``writer.py``, ``manifest.BackgroundHasher.save``)."""
     step = torch.tensor(ck.step)
-    for r in recipes:
-        source = names.source(r.src)
-        folder = zero_dir / names.dest(r.dst)
-        folder.mkdir()
-        rule = ck.tp_rule(source)
-        meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
-        for key in ("fp32", *STATE_KEYS):
-            how = r.value if key == "fp32" else r.moments
-            if how == "copy":
-                tensor = ck.value(source, key)
-            elif how == "random":
-                tensor = _fresh(ck, names, r, std=std, num_layers=num_layers)
-            else:
-                tensor = torch.zeros(ck.full_shape(source))
-            torch.save({"param": tensor.contiguous(), **meta}, folder / f"{key}.pt")
-        torch.save(step.clone(), folder / "step.pt")
-        fault_point("pipe.param_written", folder)
-        bar.update(1)
+    largest = max(math.prod(ck.full_shape(names.source(r.src))) for r in recipes) * 4
+    with PipelinedWriter(budget_bytes=largest, save=hasher.save) as writer:
+        for r in recipes:
+            source = names.source(r.src)
+            folder = zero_dir / names.dest(r.dst)
+            folder.mkdir()
+            rule = ck.tp_rule(source)
+            meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
+            shape = ck.full_shape(source)
+            for key in ("fp32", *STATE_KEYS):
+                how = r.value if key == "fp32" else r.moments
+
+                def make(out: torch.Tensor, how: str = how, key: str = key) -> dict[str, Any]:
+                    if how == "copy":
+                        tensor = ck.value(source, key, out=out)
+                    elif how == "random":
+                        tensor = _fresh(ck, names, r, std=std, num_layers=num_layers)
+                    else:
+                        tensor = out.view(shape).zero_()
+                    return {"param": tensor.contiguous(), **meta}
+
+                writer.save(folder / f"{key}.pt", make, nbytes=math.prod(shape) * 4,
+                            prefetch=(lambda key=key: ck.prefetch(source, key)) if how == "copy" else None)
+            writer.save(folder / "step.pt", lambda _: step.clone(),
+                        after=lambda path: (fault_point("pipe.param_written", path.parent), bar.update(1)))
     groups = [dict(g, params=[]) for g in ck.param_groups()]
     torch.save({**ck.optimizer_globals(), "param_groups": groups}, zero_dir / "optimizer_state.pt")
     fault_point("pipe.optimizer_state_written", zero_dir)

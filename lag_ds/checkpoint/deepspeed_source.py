@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lag_ds.checkpoint.gather import gather_full
+from lag_ds.checkpoint.gather import gather_full, willneed
 from lag_ds.checkpoint.layer_tables import megatron_core_table
 from lag_ds.checkpoint.megatron_layout import (
     TpRule,
@@ -293,15 +293,22 @@ class DeepSpeedCheckpoint:
                     else osd["base_optimizer_state"]["state"][frag.group][key])
             yield flat.narrow(0, frag.start, frag.numel)
 
-    def full_value(self, name: str, key: str = "fp32") -> torch.Tensor:
-        """The TP-merged parameter or moment, gathered in one copy into one new fp32 tensor
-        (``gather.py``: one parameter in memory at a time, no intermediate shards)."""
+    def full_value(self, name: str, key: str = "fp32", *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The TP-merged parameter or moment, gathered in one copy into one new fp32 tensor, or
+        into ``out`` (``gather.py``: one parameter in memory at a time, no intermediate shards)."""
         if self.zero_stage == 0:
             shards = [self.local_value(name, r, key) for r in range(self.tp)]
-            return merge_tp(shards, self.rules[name])
+            merged = merge_tp(shards, self.rules[name])
+            return merged if out is None else out.view(merged.shape).copy_(merged)
         return gather_full(self.full_shapes[name], self.rules[name],
                            [s[name] for s in self.local_shapes],
-                           lambda r: self._pieces(name, r, key), what=f"{self.tag_dir}: {name}")
+                           lambda r: self._pieces(name, r, key), what=f"{self.tag_dir}: {name}",
+                           out=out)
+
+    def prefetch(self, name: str, key: str = "fp32") -> None:
+        """Start reading what :meth:`full_value` will read for ``name`` (``gather.willneed``)."""
+        if self.zero_stage > 0:
+            willneed(piece for r in range(self.tp) for piece in self._pieces(name, r, key))
 
     def client_state(self) -> dict[str, Any]:
         """Model-state keys that are neither DeepSpeed's own nor the module (the trainer's extras)."""

@@ -278,8 +278,9 @@ def grow_zero3_checkpoint(
         plan_destinations,
     )
     from lag_ds.checkpoint.formats import check_destination, progress_bar
-    from lag_ds.checkpoint.manifest import write_manifest
+    from lag_ds.checkpoint.manifest import BackgroundHasher, write_manifest
     from lag_ds.checkpoint.megatron_layout import layer_name
+    from lag_ds.checkpoint.writer import PipelinedWriter
     from lag_ds.faults import fault_point
 
     if optimizer_state not in OPTIMIZER_STATE_POLICIES:
@@ -296,22 +297,25 @@ def grow_zero3_checkpoint(
     total = sum(math.prod(ck.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests)
     dst.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(dst.parent, total * 4 * 3)
-    with AtomicDirectory(dst) as tmp:
+    with AtomicDirectory(dst) as tmp, BackgroundHasher() as hasher:
         tag_dir = tmp / ck.tag
         zero_dir = tag_dir / "zero"
         zero_dir.mkdir(parents=True)
         bar = progress_bar(show_progress, total=len(dests), desc=f"grow {ck.tag} (ZeRO-3)")
-        for dest in dests:
-            folder = zero_dir / dest.name
-            folder.mkdir()
-            for key in ("fp32", *STATE_KEYS):
-                tensor = _value(ck, dest, key, policy=optimizer_state, std=init_std,
-                                num_layers=new_layers)
-                torch.save({"param": tensor.contiguous(), "cat_dim": 0}, folder / f"{key}.pt")
-                del tensor
-            torch.save(torch.tensor(ck.step), folder / "step.pt")
-            fault_point("zero3.param_written", folder)  # tests kill the write here (lag_ds.faults)
-            bar.update(1)
+        largest = max(math.prod(ck.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests) * 4
+        # tensors gathered while the previous one is saved, hashed on the way out (writer.py)
+        with PipelinedWriter(budget_bytes=largest, save=hasher.save) as writer:
+            for dest in dests:
+                folder = zero_dir / dest.name
+                folder.mkdir()
+                for key in ("fp32", *STATE_KEYS):
+                    writer.save(folder / f"{key}.pt", lambda _, dest=dest, key=key: {
+                        "param": _value(ck, dest, key, policy=optimizer_state, std=init_std,
+                                        num_layers=new_layers).contiguous(), "cat_dim": 0})
+                # tests kill the write after a parameter's last file (lag_ds.faults)
+                writer.save(folder / "step.pt", lambda _: torch.tensor(ck.step),
+                            after=lambda path: (fault_point("zero3.param_written", path.parent),
+                                                bar.update(1)))
         bar.close()
         groups = [dict(g, params=[]) for g in ck.param_groups()]
         clip = float((ck.meta.get("ds_config") or {}).get("gradient_clipping", 0.0))
@@ -327,7 +331,7 @@ def grow_zero3_checkpoint(
         torch.save(meta, tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")  # stage 3
         (tmp / UNIVERSAL_POINTER).write_text(ck.tag)
         manifest = write_manifest(
-            tmp, kind="deepspeed-universal",
+            tmp, kind="deepspeed-universal", known_hashes=hasher.results(),
             source={"path": str(Path(src).resolve()), "tag": ck.tag, "tp": 1, "dp": ck.dp,
                     "zero_stage": 3, "num_layers": ck.num_layers, "global_steps": ck.global_steps,
                     "glu": ck.glu, "bf16": ck.bf16},

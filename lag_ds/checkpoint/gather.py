@@ -18,6 +18,7 @@ is rank 0's copy.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -54,9 +55,17 @@ def _fill(pieces: Iterable[torch.Tensor], segments: list[tuple[int, torch.Tensor
 
 def gather_full(full_shape: tuple[int, ...], rule: TpRule, shapes: Sequence[tuple[int, ...]],
                 pieces: Callable[[int], Iterable[torch.Tensor]], *, what: str = "tensor",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The full tensor; ``pieces(r)`` yields rank r's flat fragments in order (views are fine)."""
-    full = torch.empty(full_shape, dtype=dtype)
+                dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor; ``pieces(r)`` yields rank r's flat fragments in order (views are fine).
+    ``out``: a contiguous buffer of the full size to gather into (e.g. a reused one,
+    ``writer.py``) instead of a new tensor."""
+    if out is None:
+        full = torch.empty(full_shape, dtype=dtype)
+    else:
+        if out.numel() != math.prod(full_shape) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"{what}: out buffer {tuple(out.shape)} {out.dtype} does not fit "
+                             f"{tuple(full_shape)} {dtype}")
+        full = out.view(full_shape)
     ranks = [0] if rule.cat_dim is None else range(len(shapes))
     for rank in ranks:
         numel = math.prod(shapes[rank])
@@ -73,3 +82,35 @@ def gather_full(full_shape: tuple[int, ...], rule: TpRule, shapes: Sequence[tupl
         for region, chunk_ in zip(regions, chunks):
             region.copy_(chunk_)
     return full
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_WILLNEED = 3
+_libc = None
+
+
+def willneed(tensors: Iterable[torch.Tensor]) -> None:
+    """Ask the kernel to start reading the pages behind ``tensors`` (views into memory-mapped
+    checkpoint files) into the page cache, asynchronously: ``madvise(MADV_WILLNEED)``.
+
+    Why: the gather of the next tensor then finds its source pages already read while the
+    current tensor is being written, instead of faulting them in one by one; the pages belong to
+    the page cache, not to the process, so it costs no memory the process owns. Advice only: on
+    a platform without ``madvise``, or for memory that is not file-backed, nothing happens."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0 or t.device.type != "cpu":
+            continue
+        start = t.data_ptr() & ~(_PAGE - 1)
+        _libc.madvise(start, t.data_ptr() + nbytes - start, _MADV_WILLNEED)
