@@ -4,10 +4,11 @@ Why: a ZeRO-1/2 checkpoint stores each TP rank's parameters flattened into DP pa
 parameter is a run of fragments, possibly across partitions. Concatenating the fragments per rank
 (`torch.cat`), then the ranks (`merge_tp`), copies every byte two or three times and holds the
 shards beside the result: about 3x the tensor's size at the peak, which the performance issue
-bounds at 1.25x. Here the output is allocated once, and each fragment -- a view into the
-memory-mapped partition file -- is copied straight to its place in it. Only a row-parallel shard
-(TP split along a dimension other than 0) passes through one temporary of the shard's size, 1/TP
-of the tensor.
+bounds at 1.25x. Here the output is allocated once (or handed in: ``out``), and each fragment
+-- a view into the memory-mapped partition file -- is copied straight to its place in it, a
+row-parallel matrix's fragments row block by row block. Only a row-parallel tensor that is not a
+matrix, or has sub-parameters, passes through one temporary of the shard's size, 1/TP of the
+tensor.
 
 Placement follows :func:`lag_ds.checkpoint.megatron_layout.merge_tp`: rank r's shard goes after
 ranks 0..r-1 along the split dimension; a GLU fc1 (``num_sub_params=2``) is [gate; up] on every
@@ -53,6 +54,33 @@ def _fill(pieces: Iterable[torch.Tensor], segments: list[tuple[int, torch.Tensor
         raise ValueError(f"{what}: fragments hold {pos} elements, the shard has {numel}")
 
 
+def _fill_rows(pieces: Iterable[torch.Tensor], region: torch.Tensor, numel: int, what: str) -> None:
+    """Copy consecutive flat ``pieces`` of a row-major shard into ``region``, a 2-D strided view
+    of the output (its columns for this rank): whole rows in one strided copy, a piece's partial
+    first and last rows apart. No temporary: the shard never exists as a tensor of its own."""
+    width = region.shape[1]
+    pos = 0
+    for piece in pieces:
+        n = piece.numel()
+        if pos + n > numel:
+            raise ValueError(f"{what}: fragments hold more than the shard's {numel} elements")
+        lo, off = pos, 0
+        while off < n:
+            row, col = divmod(lo, width)
+            if col or n - off < width:
+                take = min(width - col, n - off)
+                region[row, col:col + take].copy_(piece.narrow(0, off, take))
+            else:
+                rows = (n - off) // width
+                take = rows * width
+                region[row:row + rows].copy_(piece.narrow(0, off, take).view(rows, width))
+            lo += take
+            off += take
+        pos += n
+    if pos != numel:
+        raise ValueError(f"{what}: fragments hold {pos} elements, the shard has {numel}")
+
+
 def gather_full(full_shape: tuple[int, ...], rule: TpRule, shapes: Sequence[tuple[int, ...]],
                 pieces: Callable[[int], Iterable[torch.Tensor]], *, what: str = "tensor",
                 dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +103,10 @@ def gather_full(full_shape: tuple[int, ...], rule: TpRule, shapes: Sequence[tupl
             chunk = numel // len(regions)
             _fill(pieces(rank), [(i * chunk, r.view(-1)) for i, r in enumerate(regions)], numel,
                   f"{what} (TP rank {rank})")
+            continue
+        if full.dim() == 2 and rule.cat_dim == 1 and len(regions) == 1:
+            # Row-parallel matrix: the shard's rows are strided rows of the output.
+            _fill_rows(pieces(rank), regions[0], numel, f"{what} (TP rank {rank})")
             continue
         shard = torch.empty(numel, dtype=dtype)
         _fill(pieces(rank), [(0, shard)], numel, f"{what} (TP rank {rank})")

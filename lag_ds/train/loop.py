@@ -138,6 +138,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         logger.log(step, last_val)
         _log_since_growth(logger, cfg, step, last_val)
     clock.mark("first_validation")
+    clock.write(run_dir, final=False)
 
     inject = os.environ.get("LAG_DS_INJECT_NAN_AT_STEP")
     hold = _hold_request(os.environ.get(HOLD_ENV))

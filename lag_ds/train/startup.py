@@ -2,7 +2,8 @@
 
 Why: a LAG candidate trains only k steps, so its start-up (Python imports, DeepSpeed init, data
 preparation, checkpoint load, the LAG@0 validation) can cost more than its training. Rank 0
-writes ``RUN_DIR/startup.json`` once the first step is done, one entry per phase, so that
+writes ``RUN_DIR/startup.json`` after the LAG@0 validation and again once the first step is done
+(``first_step`` is then the last mark), one entry per phase, so that
 ``benchmarks/job_startup.py`` (and a user wondering why a candidate is slow to start) can see
 which phase to blame. Times are wall-clock epochs (``time.time()``), so they can be compared with
 the launcher's journal, which records when the launch was made.
@@ -50,10 +51,13 @@ class StartupClock:
         """Record that ``phase`` has just ended."""
         self.marks.append((phase, round(time.time() - self.start, 3)))
 
-    def write(self, run_dir: Path) -> None:
+    def write(self, run_dir: Path, *, final: bool = True) -> None:
+        """Save the marks so far; ``final=False`` writes them without closing the clock (the
+        trainer does so before its first step, so a job that never gets that far -- killed for
+        memory, say -- still shows the phases it went through)."""
         if not self.enabled or self.written:
             return
-        self.written = True
+        self.written = final
         data = {"process_start": self.start, "marks": self.marks}
         tmp = Path(run_dir) / f".{FILE_NAME}.tmp"
         tmp.write_text(json.dumps(data) + "\n")
