@@ -54,6 +54,14 @@ def param_shapes(*, layers: int, h: int, f: int, vocab: int, seq: int, tp: int) 
     return out + [("decoder.final_layernorm.weight", (h,))]
 
 
+def _lr_scheduler_state(step: int) -> dict:
+    """A LambdaLR state at ``step`` (what the trainer saves), so the grown output also loads in
+    ``python -m lag_ds.train`` (the 1.1B start-up figure in benchmarks/README.md)."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    state = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).state_dict()
+    return {**state, "last_epoch": step, "_step_count": step + 1}
+
+
 def write_synthetic(root: Path, *, layers: int, h: int, f: int, vocab: int, seq: int, tp: int, dp: int,
                     step: int) -> Path:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -72,7 +80,7 @@ def write_synthetic(root: Path, *, layers: int, h: int, f: int, vocab: int, seq:
                 module[name.replace(".weight", "._extra_state")] = None
         module["output_layer._extra_state"] = None
         torch.save({"module": module, "buffer_names": [], "optimizer": None, "param_shapes": None,
-                    "lr_scheduler": {"last_epoch": step, "base_lrs": [3e-4]}, "skipped_steps": 0,
+                    "lr_scheduler": _lr_scheduler_state(step), "skipped_steps": 0,
                     "global_steps": step, "global_samples": step * 256, "dp_world_size": dp, "mp_world_size": tp,
                     "ds_config": ds_config, "ds_version": "0.19.8", "num_layers": layers}, tag / f"mp_rank_{t:02d}_model_states.pt")
         total = sum(math.prod(s) for _, s in shapes)
