@@ -164,6 +164,7 @@ class PipelinedWriter:
         with self._room:
             self._ring.give_back(ticket)
             self._room.notify_all()
+
     def _failed(self) -> bool:
         return any(f.done() and f.exception() is not None for f in self._futures)
 
