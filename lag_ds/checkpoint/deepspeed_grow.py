@@ -112,7 +112,7 @@ def fresh_value(dest: Destination, shape: tuple[int, ...], *, std: float, num_la
 def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: str, std: float,
            num_layers: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """One full (TP-merged) tensor of a destination: its fp32 value or one Adam moment (in
-    ``out``, a reused buffer of the right size, where given and the reader takes one).
+    ``out``, a reused buffer of the right size, where given; a random init is always fresh).
 
     One key at a time keeps peak memory at about one full tensor (plus its TP shards): a 256k x
     2048 embedding's value and two moments are 6 GB together, 2 GB apart.
@@ -120,7 +120,7 @@ def _value(ckpt: DeepSpeedCheckpoint, dest: Destination, key: str, *, policy: st
     shape = ckpt.full_shapes[dest.source or ckpt.layer_table.layer_name(0, dest.suffix)]
     rule = value_rule(dest) if key == "fp32" else moments_rule(dest, policy)
     if rule == "copy":
-        return ckpt.full_value(dest.source, key) if out is None else ckpt.full_value(dest.source, key, out=out)
+        return ckpt.full_value(dest.source, key, out=out)
     if key == "fp32" and rule == "random":
         return fresh_value(dest, shape, std=std, num_layers=num_layers)
     return torch.zeros(shape) if out is None else out.view(shape).zero_()
@@ -209,11 +209,11 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
     zero_dir.mkdir()
     step = torch.tensor(ckpt.step)
     layer_name = ckpt.layer_table.layer_name
-    largest = max(math.prod(ckpt.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests) * 4
-    with PipelinedWriter(budget_bytes=largest, save=hasher.save) as writer:
-        for dest in dests:
-            shape = ckpt.full_shapes[dest.source or layer_name(0, dest.suffix)]
-            rule = ckpt.rules[dest.source or layer_name(0, dest.suffix)]
+    like = [d.source or layer_name(0, d.suffix) for d in dests]  # a parameter of the same shape
+    sizes = [math.prod(ckpt.full_shapes[n]) * 4 for n in like]
+    with PipelinedWriter(budget_bytes=max(sizes), save=hasher.save) as writer:
+        for dest, name, nbytes in zip(dests, like, sizes):
+            rule = ckpt.rules[name]
             folder = zero_dir / dest.name
             folder.mkdir()
             meta: dict[str, Any] = {"cat_dim": rule.cat_dim or 0}
@@ -226,7 +226,7 @@ def _write_universal(ckpt: DeepSpeedCheckpoint, tag_dir: Path, dests: list[Desti
                     lambda out, dest=dest, key=key: {"param": _value(
                         ckpt, dest, key, policy=policy, std=std, num_layers=num_layers,
                         out=out).contiguous(), **meta},
-                    nbytes=math.prod(shape) * 4,
+                    nbytes=nbytes,
                     prefetch=(lambda dest=dest, key=key: ckpt.prefetch(dest.source, key)) if copies else None,
                     after=lambda path, key=key: fault_point(f"deepspeed.{key}_written", path.parent))
             writer.save(folder / "step.pt", lambda _: step.clone(),

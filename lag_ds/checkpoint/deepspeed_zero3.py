@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lag_ds.checkpoint.gather import gather_full, willneed
 from lag_ds.checkpoint.megatron_layout import TpRule, detect_glu, split_layer_name, tp_rule
 from lag_ds.checkpoint.safe_load import load_checkpoint_file
 
@@ -210,17 +212,31 @@ class Zero3Checkpoint:
         return DeepSpeedCheckpoint.client_state(self)  # same key filter, reads model_states[0]
 
     # ----------------------------------------------------------------- tensors
-    def full_value(self, name: str, key: str = "fp32") -> torch.Tensor:
-        """The full parameter (``fp32``) or Adam moment: each rank's slice, padding cut off."""
+    def _pieces(self, name: str, key: str) -> Iterator[torch.Tensor]:
+        """Each DP rank's slice of ``name``, in order, the last one's padding cut off: views
+        into the memory-mapped partitions."""
         slot = self.slots[name]
-        pieces = []
+        left = math.prod(slot.shape)
         for osd in self.optim_states:
+            if left <= 0:
+                return
             flat = (osd["fp32_flat_groups"][slot.group] if key == "fp32"
                     else osd["optimizer_state_dict"]["state"][slot.group][key])
-            pieces.append(flat.narrow(0, slot.offset, slot.chunk))
-        # A copy, never a view: torch.save would write the whole memory-mapped partition.
-        joined = torch.cat(pieces)[: math.prod(slot.shape)].clone()
-        return joined.float().reshape(slot.shape)
+            n = min(slot.chunk, left)
+            yield flat.narrow(0, slot.offset, n)
+            left -= n
+
+    def full_value(self, name: str, key: str = "fp32", *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The full parameter (``fp32``) or Adam moment, gathered in one copy (``gather.py``)
+        into a new fp32 tensor, or into ``out``: never a view, since torch.save would write the
+        whole memory-mapped partition."""
+        shape = self.slots[name].shape
+        return gather_full(shape, self.rules[name], [shape], lambda _: self._pieces(name, key),
+                           what=f"{self.tag_dir}: {name}", out=out)
+
+    def prefetch(self, name: str, key: str = "fp32") -> None:
+        """Start reading what :meth:`full_value` will read for ``name`` (``gather.willneed``)."""
+        willneed(self._pieces(name, key))
 
     def param_names(self) -> list[str]:
         """Parameters in the order of the flat partitions (module order)."""
@@ -275,7 +291,9 @@ def grow_zero3_checkpoint(
         OPTIMIZER_STATE_POLICIES,
         _metadata,
         _value,
+        moments_rule,
         plan_destinations,
+        value_rule,
     )
     from lag_ds.checkpoint.formats import check_destination, progress_bar
     from lag_ds.checkpoint.manifest import BackgroundHasher, write_manifest
@@ -302,16 +320,19 @@ def grow_zero3_checkpoint(
         zero_dir = tag_dir / "zero"
         zero_dir.mkdir(parents=True)
         bar = progress_bar(show_progress, total=len(dests), desc=f"grow {ck.tag} (ZeRO-3)")
-        largest = max(math.prod(ck.full_shapes[d.source or layer_name(0, d.suffix)]) for d in dests) * 4
+        sizes = [math.prod(ck.full_shapes[d.source or layer_name(0, d.suffix)]) * 4 for d in dests]
         # tensors gathered while the previous one is saved, hashed on the way out (writer.py)
-        with PipelinedWriter(budget_bytes=largest, save=hasher.save) as writer:
-            for dest in dests:
+        with PipelinedWriter(budget_bytes=max(sizes), save=hasher.save) as writer:
+            for dest, nbytes in zip(dests, sizes):
                 folder = zero_dir / dest.name
                 folder.mkdir()
                 for key in ("fp32", *STATE_KEYS):
-                    writer.save(folder / f"{key}.pt", lambda _, dest=dest, key=key: {
+                    copies = (value_rule(dest) if key == "fp32" else moments_rule(dest, optimizer_state)) == "copy"
+                    writer.save(folder / f"{key}.pt", lambda out, dest=dest, key=key: {
                         "param": _value(ck, dest, key, policy=optimizer_state, std=init_std,
-                                        num_layers=new_layers).contiguous(), "cat_dim": 0})
+                                        num_layers=new_layers, out=out).contiguous(), "cat_dim": 0},
+                        nbytes=nbytes,
+                        prefetch=(lambda dest=dest, key=key: ck.prefetch(dest.source, key)) if copies else None)
                 # tests kill the write after a parameter's last file (lag_ds.faults)
                 writer.save(folder / "step.pt", lambda _: torch.tensor(ck.step),
                             after=lambda path: (fault_point("zero3.param_written", path.parent),

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lag_ds.checkpoint.atomic import fsync_file
 from lag_ds.faults import fault_point
 
 MANIFEST_NAME = "manifest.json"
@@ -44,12 +45,8 @@ def _hash_and_sync(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path, digest: str) -> str:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _synced(path: Path, digest: str) -> str:
+    fsync_file(path)
     return digest
 
 
@@ -122,7 +119,7 @@ class BackgroundHasher:
             torch.save(obj, stream)
         finally:
             digest = stream.close()
-        self._jobs[path] = self._pool.submit(_fsync_path, path, digest)
+        self._jobs[path] = self._pool.submit(_synced, path, digest)
 
     def results(self) -> dict[Path, str]:
         return {path: job.result() for path, job in self._jobs.items()}
